@@ -1,0 +1,46 @@
+"""Command-line entry point shared by the scripts: tyro parsing and one-sentence errors."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, TypeVar
+
+A = TypeVar("A")
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one sentence, exit code 2, no traceback."""
+
+
+class TrainingDiverged(Exception):
+    """A non-finite loss or parameter: the run stops, its last good checkpoint stays on disk."""
+
+
+def run_cli(main: Callable[[A], object], args_cls: type[A]) -> None:
+    import tyro
+
+    args = tyro.cli(args_cls)
+    try:
+        main(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as err:
+        print(f"error: training diverged: {err}", file=sys.stderr)
+        sys.exit(3)
+
+
+def check_budget(total_timesteps: int, batch_size: int) -> int:
+    """Number of PPO iterations; refuses a budget smaller than one rollout."""
+    if total_timesteps < batch_size:
+        raise UsageError(
+            f"--total-timesteps {total_timesteps} is smaller than one rollout ({batch_size} steps = "
+            f"num_tasks x num_envs_per_task x num_steps); raise it or shorten --num-steps"
+        )
+    return total_timesteps // batch_size
+
+
+def check_positive(**values: int | float) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")

@@ -1,0 +1,135 @@
+"""Run directory, tensorboard, optional wandb, args.json, eval.jsonl, summary.json, perf timings.
+
+Layout: ``runs/<env-id>__<algo>__<seed>__<timestamp>/`` (PROTOCOL section 6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import time
+
+import numpy as np
+import torch
+
+
+def _jsonable(value):
+    if isinstance(value, (np.ndarray,)):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class RunLogger:
+    def __init__(self, args, algo: str, task_names: tuple[str, ...], runs_dir: str = "runs"):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.algo = algo
+        self.task_names = task_names
+        self.start_time = time.time()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.run_name = f"{args.env_id}__{algo}__{args.seed}__{stamp}"
+        if getattr(args, "run_name_suffix", ""):
+            self.run_name += f"__{args.run_name_suffix}"
+        self.dir = os.path.join(runs_dir, self.run_name)
+        os.makedirs(self.dir, exist_ok=True)
+        config = {k: _jsonable(v) for k, v in dataclasses.asdict(args).items()}
+        config.update(algo=algo, task_names=list(task_names), run_name=self.run_name)
+        with open(os.path.join(self.dir, "args.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        self.wandb = None
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                config=config, name=self.run_name, group=f"{args.env_id}__{algo}",
+                tags=[args.env_id, algo], dir=self.dir, save_code=True,
+            )
+        self.writer = SummaryWriter(self.dir)
+        self.perf_history: list[dict] = []  # one entry per iteration: phase times and steps
+        self.writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()),
+        )
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        self.writer.add_scalar(name, float(value), step)
+
+    def eval(self, result: dict, step: int, final: bool = False) -> None:
+        """Log one evaluation: tensorboard (eval/...) and a line of eval.jsonl."""
+        success, ret = result["success"], result["return"]
+        self.scalar("eval/success_rate", success.mean(), step)
+        self.scalar("eval/return", ret.mean(), step)
+        for name, s, r in zip(self.task_names, success, ret):
+            self.scalar(f"eval/{name}/success_rate", s, step)
+            self.scalar(f"eval/{name}/return", r, step)
+        line = {
+            "global_step": int(step),
+            "wall_time": time.time() - self.start_time,
+            "final": final,
+            "episodes_per_task": result["episodes_per_task"],
+            "success_rate": float(success.mean()),
+            "return": float(ret.mean()),
+            "per_task": {n: {"success_rate": float(s), "return": float(r)}
+                         for n, s, r in zip(self.task_names, success, ret)},
+        }
+        for key, value in result.items():
+            if key not in ("success", "return", "episodes_per_task"):
+                line[key] = _jsonable(value)
+        with open(os.path.join(self.dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def summary(self, final_eval: dict, global_step: int, parameter_counts: dict, device: torch.device,
+                extra: dict | None = None) -> dict:
+        summary = {
+            "algo": self.algo,
+            "task_names": list(self.task_names),
+            "global_step": int(global_step),
+            "wall_time_s": time.time() - self.start_time,
+            "final_success_rate": float(final_eval["success"].mean()),
+            "final_return": float(final_eval["return"].mean()),
+            "final_episodes_per_task": final_eval["episodes_per_task"],
+            "per_task": {n: {"success_rate": float(s), "return": float(r)} for n, s, r in
+                         zip(self.task_names, final_eval["success"], final_eval["return"])},
+            "parameter_counts": parameter_counts,
+            "device": device_name(device),
+            "peak_memory_mb": peak_memory_mb(device),
+            **(extra or {}),
+        }
+        with open(os.path.join(self.dir, "summary.json"), "w") as f:
+            json.dump({k: _jsonable(v) for k, v in summary.items()}, f, indent=2)
+        return summary
+
+    def perf_summary(self) -> dict:
+        """Mean phase times per iteration (the first iteration is skipped as warm-up when possible)."""
+        history = self.perf_history[1:] or self.perf_history
+        if not history:
+            return {}
+        mean = {key: float(np.mean([h[key] for h in history])) for key in history[0]}
+        iteration = mean["rollout_time"] + mean["update_time"]
+        return {"perf": {**mean, "rollout_sps": mean["steps"] / mean["rollout_time"],
+                         "update_share": mean["update_time"] / iteration, "iterations_measured": len(history)}}
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
