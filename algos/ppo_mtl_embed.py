@@ -253,6 +253,11 @@ def method_diagnostics(args: Args, agent: Agent, logger: RunLogger, global_step:
     return {}
 
 
+def method_final(args: Args, agent: Agent, final_evaluation) -> dict:
+    """Extra end-of-run results for summary.json (VarShare's pruned evaluation); none here."""
+    return {}
+
+
 # ==== PPO CORE 2/2: begin (identical in every algos/ppo_*.py) ====
 def compute_gae(rewards, values, ended, next_value, gamma: float, gae_lambda: float):
     """GAE over a rollout. rewards, values, ended: [S, ...]; next_value: [...].
@@ -347,15 +352,33 @@ def main(args) -> dict:
         with torch.inference_mode():
             return agent.act_deterministic(obs_t, eval_task_ids).reshape(T * obs_np.shape[1], *action_shape).cpu().numpy()
 
-    def run_evaluation(eval_env, episodes: int, step: int, final: bool) -> dict:
-        agent.eval()
-        result = evaluate(deterministic_policy, eval_env, T, obs_normalizer, episodes, suite.success_return,
-                          env_seed(args.seed, evaluation=True))
-        agent.train()
+    def run_evaluation(eval_env, episodes: int, step: int, final: bool, label: str = "") -> dict:
+        # One pass with the deterministic policy; VarShare's --eval-sample-weights N makes this N
+        # passes, each with its own weight sample (drawn on entering eval mode), averaged.
+        passes = []
+        for _ in range(getattr(agent, "eval_passes", 1)):
+            agent.eval()
+            passes.append(evaluate(deterministic_policy, eval_env, T, obs_normalizer, episodes,
+                                   suite.success_return, env_seed(args.seed, evaluation=True)))
+            agent.train()
+        result = {key: np.mean([p[key] for p in passes], axis=0) if key in ("success", "return") else passes[0][key]
+                  for key in passes[0]}
+        result["passes"] = len(passes)
+        if label:
+            result["label"] = label
         logger.eval(result, step, final=final)
-        print(f"step {step}: eval success {result['success'].mean():.3f} return {result['return'].mean():.1f} "
+        print(f"step {step}: eval{' ' + label if label else ''} success {result['success'].mean():.3f} "
+              f"return {result['return'].mean():.1f} "
               + " ".join(f"{n}={r:.1f}" for n, r in zip(suite.task_names, result["return"])))
         return result
+
+    def final_evaluation(label: str = "") -> dict:
+        # A fresh env, so that Meta-World's 50 episodes visit each of the task's 50 goals once.
+        final_envs, _ = make_vector_env(suite, 1, args.seed, args.async_envs, evaluation=True)
+        try:
+            return run_evaluation(final_envs, args.final_eval_episodes, global_step, final=True, label=label)
+        finally:
+            final_envs.close()
 
     global_step, start_time, next_eval = 0, time.time(), args.eval_every
     raw_obs, _ = envs.reset(seed=env_seed(args.seed, evaluation=False))
@@ -493,11 +516,9 @@ def main(args) -> dict:
         envs.close()
         eval_envs.close()
 
-    # Final evaluation on a fresh env, so that Meta-World's 50 episodes visit each of the 50 goals once.
-    final_envs, _ = make_vector_env(suite, 1, args.seed, args.async_envs, evaluation=True)
-    final = run_evaluation(final_envs, args.final_eval_episodes, global_step, final=True)
-    final_envs.close()
-    summary = logger.summary(final, global_step, parameter_counts, device, logger.perf_summary())
+    final = final_evaluation()
+    extra = {**logger.perf_summary(), **method_final(args, agent, final_evaluation)}
+    summary = logger.summary(final, global_step, parameter_counts, device, extra)
     logger.close()
     return summary
 

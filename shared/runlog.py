@@ -83,6 +83,7 @@ class RunLogger:
             self.scalar(f"eval/{name}/success_rate", s, step)
             self.scalar(f"eval/{name}/return", r, step)
         line = {
+            "label": result.get("label", ""),
             "global_step": int(step),
             "wall_time": time.time() - self.start_time,
             "final": final,
@@ -93,7 +94,7 @@ class RunLogger:
                          for n, s, r in zip(self.task_names, success, ret)},
         }
         for key, value in result.items():
-            if key not in ("success", "return", "episodes_per_task"):
+            if key not in ("success", "return", "episodes_per_task", "label"):
                 line[key] = _jsonable(value)
         with open(os.path.join(self.dir, "eval.jsonl"), "a") as f:
             f.write(json.dumps(line) + "\n")

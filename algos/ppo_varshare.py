@@ -1,0 +1,836 @@
+"""VarShare: variational weight-space task residuals on PPO; and its L2Soft ablation (--residual l2).
+
+Source: the project's research proposal, "VarShare: Principled Task-Specialization via
+Variational Weight Adapters in Multi-Task RL" (November 2025); ../shared/spec/VARSHARE.md and
+context/varshare.md restate it. Flipout: Wen, Vicol, Ba, Tran, Grosse, "Flipout: Efficient
+Pseudo-Independent Weight Perturbations on Mini-Batches", ICLR 2018. Bayes by Backprop (the
+softplus parameterisation and the closed-form Gaussian KL): Blundell, Cornebise, Kavukcuoglu,
+Wierstra, "Weight Uncertainty in Neural Networks", ICML 2015.
+
+Every linear layer of actor and critic (hidden layers and heads) runs task m with
+W_m = theta + phi_m; phi_m ~ q_m = N(mu_m, softplus(rho_m)^2), prior N(0, sigma_prior^2).
+The network input is the observation alone: the task enters only through its residual.
+This script is ppo_mtl_embed.py with that network and one loss term; the PPO core between the
+markers is byte-identical.
+
+Decisions (each a flag; default first):
+- Residuals on weights only; biases shared (--residual-bias adds residuals to biases).
+- theta initialised as the shared baseline's layers (orthogonal, CleanRL gains); mu = 0;
+  rho = --rho-init = -6.907 (sigma = 1e-3); --sigma-prior 0.03; --beta 1.0 (chosen on the
+  toy suites; see README, "VarShare hyperparameters").
+- Loss: ppo_loss + beta * mean_over_tasks(KL_m) / N_m, N_m = num_envs_per_task * num_steps,
+  the transitions of one task in one rollout (--kl-scale per-rollout; alternatives: sum,
+  per-param). The term is added on every minibatch, matching the per-example ELBO weighting
+  of a minibatch mean.
+- Gradient: the PPO loss's gradient is clipped to --max-grad-norm first, then the KL's gradient
+  is added unclipped. The KL touches only mu and rho, so it can never shrink theta's RL gradient
+  (clipping the sum would let a large KL gradient scale down theta's).
+- Estimator in the loss: Flipout (--estimator flipout): one eps per task, layer and minibatch,
+  random sign vectors per example; --estimator reparam draws one weight per task per minibatch.
+- Acting: mean weights theta + mu_m (--rollout-weights mean). The PPO ratio then compares the
+  noisy-weight policy in the loss with the mean-weight policy that acted; the clip bounds the gap.
+  --rollout-weights episode draws one weight sample per env per episode and stores that policy's
+  log-probabilities as the behaviour log-probabilities (an ablation).
+- Evaluation: mean weights; --eval-sample-weights N runs N evaluations, each with one weight
+  sample per task, and averages them.
+- L2Soft (--residual l2): phi_m = mu_m, penalty lambda * ||mu_m||^2 scaled exactly as the KL;
+  default lambda = beta / (2 sigma_prior^2), the matched setting (with sigma fixed at
+  sigma_prior the KL's mu-gradient is then identical). Flags that need weight noise are refused.
+- --prune-threshold t: after training, a second final evaluation with |mu| < t zeroed;
+  summary.json reports the pruned fraction, both scores and the sparse stored size.
+- Diagnostics under varshare/: per task KL, mean |mu|, mean sigma, ||mu_m|| / ||theta|| overall
+  and per layer, fraction of |mu| below the pruning threshold (1e-3 when none is set); across
+  tasks the mean pairwise cosine of the flattened mu; per update the scaled term and its ratio
+  to the PPO loss.
+- Performance: all tasks run as one batched matmul over the task axis; theta + mu is cached
+  between parameter changes, so acting costs what the shared baseline's forward costs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from shared.checkpoint import save_checkpoint
+from shared.cli import TrainingDiverged, UsageError, check_budget, check_positive, run_cli
+from shared.evaluate import evaluate, finished_episodes, step_success
+from shared.normalize import ObsNormalizer, RewardScaler
+from shared.params import count_parameters, per_task
+from shared.runlog import RunLogger
+from shared.suites import apply_suite_defaults, env_seed, make_suite, make_vector_env, select_tasks, space_dims
+
+ALGO = "ppo_varshare"
+
+
+# ==== PPO CORE 1/2: begin (identical in every algos/ppo_*.py) ====
+@dataclass
+class PPOArgs:
+    seed: int = 1
+    """seed of the run (torch, numpy, python, environments)"""
+    torch_deterministic: bool = True
+    """sets torch.backends.cudnn.deterministic"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """log to Weights & Biases as well (works with WANDB_MODE=offline)"""
+    wandb_project_name: str = "mtrl-varshare"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    runs_dir: str = "runs"
+    """where run directories are created"""
+    run_name_suffix: str = ""
+    """appended to the run directory name"""
+
+    env_id: str = "cartpole-mt"
+    """suite id (cartpole-mt, cartpole-identical, cartpole-conflict, lunarlander-mt, mt3, mt10), a gymnasium id, or a Meta-World task"""
+    tasks: Optional[list[str]] = None
+    """train on these tasks of the suite only"""
+    holdout_task: Optional[str] = None
+    """leave this task of the suite out (leave-one-out transfer)"""
+    num_envs_per_task: Optional[int] = None
+    """envs per task k; env column i runs task i // k (default: suite table)"""
+    async_envs: bool = False
+    """step envs in subprocesses (for machines with many cores)"""
+    total_timesteps: Optional[int] = None
+    """environment steps over all tasks; each task gets total / T (default: suite table)"""
+    num_steps: Optional[int] = None
+    """rollout length per env (default: suite table)"""
+    learning_rate: Optional[float] = None
+    """Adam learning rate (default: suite table)"""
+    anneal_lr: Optional[bool] = None
+    """linearly anneal the learning rate to 0 (default: suite table)"""
+    gamma: Optional[float] = None
+    """discount (default: suite table)"""
+    gae_lambda: Optional[float] = None
+    """GAE lambda (default: suite table)"""
+    num_minibatches: Optional[int] = None
+    """task-stratified minibatches per epoch (default: suite table)"""
+    update_epochs: Optional[int] = None
+    """epochs per rollout (default: suite table)"""
+    norm_adv: bool = True
+    """normalise advantages per minibatch and per task"""
+    clip_coef: Optional[float] = None
+    """PPO surrogate clip (default: suite table)"""
+    clip_vloss: bool = True
+    """clip the value loss as CleanRL does"""
+    ent_coef: Optional[float] = None
+    """entropy bonus coefficient (default: suite table)"""
+    vf_coef: Optional[float] = None
+    """value loss coefficient (default: suite table)"""
+    max_grad_norm: Optional[float] = None
+    """gradient-norm clip of the RL gradient (default: suite table)"""
+    target_kl: Optional[float] = None
+    """stop the epochs of an update early above this approximate KL (off by default)"""
+    hidden_sizes: Optional[tuple[int, ...]] = None
+    """hidden widths of actor and critic (default: suite table)"""
+    eval_every: Optional[int] = None
+    """evaluate every this many env steps (default: suite table)"""
+    eval_episodes: Optional[int] = None
+    """episodes per task in periodic evaluations (default: suite table)"""
+    final_eval_episodes: Optional[int] = None
+    """episodes per task in the final evaluation (default: suite table; 50 = one per goal on Meta-World)"""
+
+
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def make_adam(params, lr: float) -> torch.optim.Adam:
+    try:
+        return torch.optim.Adam(params, lr=lr, eps=1e-5, fused=True)
+    except (RuntimeError, TypeError):  # fused kernels missing for this device or dtype
+        return torch.optim.Adam(params, lr=lr, eps=1e-5)
+
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def action_logprob_entropy(head: torch.Tensor, logstd: torch.Tensor | None, action: torch.Tensor | None):
+    """Sample an action when none is given, and return (action, log-probability, entropy).
+
+    ``logstd is None``: categorical over the logits ``head``; otherwise a diagonal Gaussian with
+    mean ``head``. Written out instead of torch.distributions, whose per-call overhead is most of
+    the policy's cost at rollout batch sizes on a CPU."""
+    if logstd is None:
+        logp_all = torch.log_softmax(head, dim=-1)  # [..., num_actions]
+        if action is None:
+            action = torch.multinomial(logp_all.exp().reshape(-1, head.shape[-1]), 1).view(head.shape[:-1])
+        logprob = logp_all.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return action, logprob, entropy
+    logstd = logstd.expand_as(head)
+    std = logstd.exp()
+    if action is None:
+        action = head + std * torch.randn_like(head)
+    logprob = (-0.5 * ((action - head) / std) ** 2 - logstd - LOG_SQRT_2PI).sum(-1)
+    entropy = (0.5 + LOG_SQRT_2PI + logstd).sum(-1)
+    return action, logprob, entropy
+# ==== PPO CORE 1/2: end ====
+
+
+@dataclass
+class Args(PPOArgs):
+    residual: Literal["variational", "l2"] = "variational"
+    """variational: VarShare (Gaussian residuals, KL to the prior); l2: L2Soft (deterministic residuals, L2 penalty)"""
+    beta: float = 1.0
+    """weight of the KL term (ELBO weighting of one rollout's data against the prior at kl-scale per-rollout)"""
+    sigma_prior: float = 0.03
+    """standard deviation of the zero-mean Gaussian prior on every residual entry"""
+    rho_init: float = -6.907
+    """initial rho of every residual entry; sigma = softplus(rho) (-6.907 gives sigma = 1e-3)"""
+    kl_scale: Literal["per-rollout", "sum", "per-param"] = "per-rollout"
+    """KL_m divided by the task's transitions per rollout N_m, not divided, or divided by the residual count"""
+    estimator: Literal["flipout", "reparam"] = "flipout"
+    """weight-noise estimator in the loss: Flipout (decorrelated per example) or one sample per task per minibatch"""
+    rollout_weights: Literal["mean", "episode"] = "mean"
+    """act with theta + mu (mean), or with one weight sample per env per episode (parameter-space exploration)"""
+    eval_sample_weights: int = 0
+    """0: evaluate with mean weights; N > 0: N evaluations, each with one weight sample per task, averaged"""
+    l2_lambda: Optional[float] = None
+    """L2Soft penalty weight; default: the matched beta / (2 sigma_prior^2)"""
+    residual_bias: bool = False
+    """give biases a residual too (default: biases are shared)"""
+    prune_threshold: Optional[float] = None
+    """after training, also evaluate with residual entries |mu| < threshold set to zero"""
+
+
+OBS_NORM_PER_TASK = False  # one observation normaliser shared by all tasks
+
+
+def softplus_inverse(x: float) -> float:
+    return float(np.log(np.expm1(x)))
+
+
+class VarShareLinear(nn.Module):
+    """y = x (theta + phi_t) + b for every task t at once on task-major input x [T, n, d_in].
+
+    theta [d_in, d_out] is shared; the residual phi_t ~ N(mu_t, softplus(rho_t)^2) (variational) or
+    phi_t = mu_t (l2). How the weight is drawn is chosen by ``mode``:
+    - "mean": theta + mu_t (acting, evaluation); cached until a parameter changes;
+    - "flipout": mean part plus Flipout noise ((x * s_in) @ (sigma * eps)) * s_out, one eps per
+      task and minibatch, random signs per example (decorrelated noise across examples);
+    - "reparam": theta + mu_t + sigma_t * eps_t, one sample per task per minibatch;
+    - "fixed": a weight sample per row held in ``self.fixed_eps`` ([R, d_in, d_out] with R = T
+      or T * k rows; episode-wise rollout sampling and sampled-weight evaluation).
+    """
+
+    def __init__(self, num_tasks: int, d_in: int, d_out: int, std: float, variational: bool,
+                 rho_init: float, residual_bias: bool):
+        super().__init__()
+        self.num_tasks, self.variational = num_tasks, variational
+        theta = torch.empty(d_out, d_in)
+        torch.nn.init.orthogonal_(theta, std)  # the shared baseline's init (CleanRL gains)
+        self.theta = nn.Parameter(theta.T.contiguous())  # [d_in, d_out]
+        self.bias = nn.Parameter(torch.zeros(d_out))
+        self.mu = per_task(nn.Parameter(torch.zeros(num_tasks, d_in, d_out)))  # [T, d_in, d_out]
+        self.rho = per_task(nn.Parameter(torch.full((num_tasks, d_in, d_out), rho_init))) if variational else None
+        self.mu_bias = per_task(nn.Parameter(torch.zeros(num_tasks, 1, d_out))) if residual_bias else None
+        self.rho_bias = (per_task(nn.Parameter(torch.full((num_tasks, 1, d_out), rho_init)))
+                         if residual_bias and variational else None)
+        self.fixed_eps: torch.Tensor | None = None
+        self.fixed_eps_bias: torch.Tensor | None = None
+        self._mean_cache: tuple | None = None
+        self.prune_mask: torch.Tensor | None = None  # evaluation only: residual entries kept
+
+    def residual_mean(self) -> torch.Tensor:
+        return self.mu if self.prune_mask is None else self.mu * self.prune_mask
+
+    def mean_weight(self) -> torch.Tensor:
+        """theta + mu_t for all tasks, [T, d_in, d_out]. Without autograd (acting, evaluation) it is
+        cached; Agent.clear_weight_cache() drops the cache whenever the parameters change."""
+        if torch.is_grad_enabled():
+            return self.theta + self.residual_mean()
+        if self._mean_cache is None:
+            self._mean_cache = self.theta + self.residual_mean()
+        return self._mean_cache
+
+    def bias_mean(self) -> torch.Tensor:
+        return self.bias if self.mu_bias is None else self.bias + self.mu_bias  # [d_out] or [T, 1, d_out]
+
+    def sigma(self) -> torch.Tensor:
+        return nn.functional.softplus(self.rho)
+
+    def forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        if mode == "mean" or not self.variational:
+            return torch.baddbmm(self.bias_mean().expand(x.shape[0], 1, -1), x, self.mean_weight())
+        if mode == "reparam":
+            weight = self.theta + self.mu + self.sigma() * torch.randn_like(self.mu)  # [T, d_in, d_out]
+            return torch.baddbmm(self.noisy_bias(x.shape[0]), x, weight)
+        if mode == "flipout":
+            mean = torch.baddbmm(self.noisy_bias(x.shape[0]), x, self.mean_weight())  # [T, n, d_out]
+            delta = self.sigma() * torch.randn_like(self.mu)  # [T, d_in, d_out], one draw per task
+            s_in = torch.randint(0, 2, x.shape, device=x.device, dtype=x.dtype).mul_(2).sub_(1)  # [T, n, d_in]
+            s_out = torch.randint(0, 2, mean.shape, device=x.device, dtype=x.dtype).mul_(2).sub_(1)  # [T, n, d_out]
+            return mean + torch.bmm(x * s_in, delta) * s_out
+        if mode == "fixed":  # x: [T, k, d_in] with one weight sample per (task, env) row
+            T, k, d_in = x.shape
+            weight = (self.theta + self.mu).repeat_interleave(k, dim=0) + \
+                self.sigma().repeat_interleave(k, dim=0) * self.fixed_eps  # [T * k, d_in, d_out]
+            bias = self.bias_mean()
+            if self.mu_bias is not None:
+                bias = bias.repeat_interleave(k, dim=0)
+                if self.rho_bias is not None:
+                    bias = bias + nn.functional.softplus(self.rho_bias).repeat_interleave(k, dim=0) * self.fixed_eps_bias
+            y = torch.baddbmm(bias.expand(T * k, 1, -1), x.reshape(T * k, 1, d_in), weight)
+            return y.view(T, k, -1)
+        raise ValueError(f"unknown weight mode {mode}")
+
+    def noisy_bias(self, num_rows: int) -> torch.Tensor:
+        if self.mu_bias is None:
+            return self.bias.expand(num_rows, 1, -1)
+        if self.rho_bias is None:
+            return self.bias + self.mu_bias
+        return self.bias + self.mu_bias + nn.functional.softplus(self.rho_bias) * torch.randn_like(self.mu_bias)
+
+    def draw_fixed_eps(self, rows: int, replace: torch.Tensor | None = None) -> None:
+        """Draw a weight sample for each of ``rows`` rows, or redraw only the rows in ``replace``."""
+        shape = (rows, *self.mu.shape[1:])
+        if self.fixed_eps is None or self.fixed_eps.shape != shape or replace is None:
+            self.fixed_eps = torch.randn(shape, device=self.mu.device)
+            if self.mu_bias is not None:
+                self.fixed_eps_bias = torch.randn((rows, 1, self.mu.shape[2]), device=self.mu.device)
+            return
+        self.fixed_eps[replace] = torch.randn_like(self.fixed_eps[replace])
+        if self.fixed_eps_bias is not None:
+            self.fixed_eps_bias[replace] = torch.randn_like(self.fixed_eps_bias[replace])
+
+    def residuals(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        pairs = [(self.mu, self.rho)]
+        if self.mu_bias is not None:
+            pairs.append((self.mu_bias, self.rho_bias))
+        return pairs
+
+
+class VarShareMLP(nn.Module):
+    def __init__(self, num_tasks: int, sizes: list[int], out_std: float, **layer_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            VarShareLinear(num_tasks, a, b, std=out_std if i == len(sizes) - 2 else np.sqrt(2), **layer_kwargs)
+            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])))
+
+    def forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mode)
+            if i < len(self.layers) - 1:
+                x = torch.tanh(x)
+        return x
+
+
+class Agent(nn.Module):
+    """Actor and critic whose every linear layer is a VarShareLinear. The observation is the
+    network's only input: task identity enters only through the residual of row t (task t)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, discrete: bool, num_tasks: int, hidden_sizes: tuple[int, ...],
+                 variational: bool, rho_init: float, residual_bias: bool, rollout_weights: str,
+                 estimator: str, eval_sample_weights: int):
+        super().__init__()
+        self.num_tasks, self.discrete = num_tasks, discrete
+        kw = dict(variational=variational, rho_init=rho_init, residual_bias=residual_bias)
+        self.critic = VarShareMLP(num_tasks, [obs_dim, *hidden_sizes, 1], out_std=1.0, **kw)
+        self.actor = VarShareMLP(num_tasks, [obs_dim, *hidden_sizes, act_dim], out_std=0.01, **kw)
+        self.actor_logstd = None if discrete else per_task(nn.Parameter(torch.zeros(num_tasks, act_dim)))
+        self.variational = variational
+        self.rollout_weights = rollout_weights
+        self.estimator = estimator
+        self.eval_passes = max(1, eval_sample_weights)  # read by the core's evaluation
+        self.eval_sample_weights = eval_sample_weights
+
+    def layers(self) -> list[VarShareLinear]:
+        return [*self.critic.layers, *self.actor.layers]
+
+    def clear_weight_cache(self) -> None:
+        """Called after every optimiser step, load and pruning change: the cached theta + mu is stale."""
+        for layer in self.layers():
+            layer._mean_cache = None
+
+    def load_state_dict(self, *args, **kwargs):
+        result = super().load_state_dict(*args, **kwargs)
+        self.clear_weight_cache()
+        return result
+
+    def mode(self) -> str:
+        """Which weights this forward uses: the estimator when a loss is being computed, the
+        behaviour weights during rollouts, mean (or sampled) weights in evaluation."""
+        if not self.variational:
+            return "mean"
+        if torch.is_grad_enabled():
+            return self.estimator
+        if self.training:
+            return "fixed" if self.rollout_weights == "episode" else "mean"
+        return "fixed" if self.eval_sample_weights > 0 else "mean"
+
+    def train(self, mode: bool = True):
+        if not mode and self.variational and self.eval_sample_weights > 0:
+            for layer in self.layers():  # one weight sample per task for this evaluation pass
+                layer.draw_fixed_eps(self.num_tasks)
+        elif mode and self.rollout_weights == "episode":
+            for layer in self.layers():  # evaluation may have replaced the rollout samples
+                layer.fixed_eps = layer.rollout_eps if hasattr(layer, "rollout_eps") else None
+        if not mode and self.rollout_weights == "episode":
+            for layer in self.layers():
+                layer.rollout_eps = layer.fixed_eps
+        return super().train(mode)
+
+    def ensure_rollout_samples(self, obs: torch.Tensor) -> None:
+        if self.mode() == "fixed":
+            rows = obs.shape[0] * obs.shape[1]
+            for layer in self.layers():
+                if layer.fixed_eps is None or layer.fixed_eps.shape[0] != rows:
+                    layer.draw_fixed_eps(rows)
+
+    def get_value(self, obs: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        self.ensure_rollout_samples(obs)
+        return self.critic(obs, self.mode()).squeeze(-1)  # [T, n]
+
+    def get_action_and_value(self, obs, task_ids, action=None):
+        self.ensure_rollout_samples(obs)
+        mode = self.mode()
+        logstd = None if self.discrete else self.actor_logstd[task_ids[:, :1]]  # [T, 1, A]
+        action, logprob, entropy = action_logprob_entropy(self.actor(obs, mode), logstd, action)
+        return action, logprob, entropy, self.critic(obs, mode).squeeze(-1)
+
+    def act_deterministic(self, obs, task_ids):
+        self.ensure_rollout_samples(obs)
+        head = self.actor(obs, self.mode())
+        return head.argmax(-1) if self.discrete else head
+
+    def episode_boundaries(self, ended: torch.Tensor) -> None:
+        """--rollout-weights episode: envs whose episode ended draw a new weight sample."""
+        if self.variational and self.rollout_weights == "episode" and ended.any():
+            for layer in self.layers():
+                layer.draw_fixed_eps(ended.numel(), replace=ended.reshape(-1))
+
+    def kl_per_task(self, sigma_prior: float) -> torch.Tensor:
+        """Closed-form KL(q_m || N(0, sigma_prior^2)) summed over all residual entries, [T]."""
+        kl = 0.0
+        for layer in self.layers():
+            for mu, rho in layer.residuals():
+                sigma = nn.functional.softplus(rho)
+                terms = torch.log(sigma_prior / sigma) + (sigma**2 + mu**2) / (2 * sigma_prior**2) - 0.5
+                kl = kl + terms.flatten(1).sum(1)
+        return kl
+
+    def l2_per_task(self) -> torch.Tensor:
+        return sum(mu.pow(2).flatten(1).sum(1) for layer in self.layers() for mu, _ in layer.residuals())
+
+    def residual_count(self) -> int:
+        """Residual entries of one task (mu_m only)."""
+        return sum(mu[0].numel() for layer in self.layers() for mu, _ in layer.residuals())
+
+    def active_parameter_count(self) -> int:
+        # At inference theta + mu_m folds into one matrix per layer: the shared network's size.
+        shared = sum(layer.theta.numel() + layer.bias.numel() for layer in self.layers())
+        return shared + (0 if self.actor_logstd is None else self.actor_logstd.shape[1])
+
+    def trained_parameter_count(self) -> int:
+        shared = sum(layer.theta.numel() + layer.bias.numel() for layer in self.layers())
+        own = sum(p[0].numel() for layer in self.layers() for pair in layer.residuals() for p in pair if p is not None)
+        return shared + own + (0 if self.actor_logstd is None else self.actor_logstd.shape[1])
+
+    @contextlib.contextmanager
+    def pruned(self, threshold: float):
+        """Evaluate with residual entries |mu| < threshold set to zero."""
+        for layer in self.layers():
+            layer.prune_mask = (layer.mu.abs() >= threshold).to(layer.mu.dtype)
+        self.clear_weight_cache()
+        try:
+            yield
+        finally:
+            for layer in self.layers():
+                layer.prune_mask = None
+            self.clear_weight_cache()
+
+
+def make_agent(args: Args, suite, obs_dim: int, act_dim: int, discrete: bool) -> Agent:
+    variational = args.residual == "variational"
+    if not variational:
+        ignored = {"estimator": args.estimator != "flipout", "rollout_weights": args.rollout_weights != "mean",
+                   "eval_sample_weights": args.eval_sample_weights != 0}
+        for flag, given in ignored.items():
+            if given:
+                raise UsageError(f"--{flag.replace('_', '-')} needs weight noise and does nothing with "
+                                 f"--residual l2; drop it or use --residual variational")
+    elif args.l2_lambda is not None:
+        raise UsageError("--l2-lambda applies to --residual l2 only; VarShare is weighted by --beta")
+    if args.sigma_prior <= 0:
+        raise UsageError(f"--sigma-prior must be positive, got {args.sigma_prior}")
+    if args.beta < 0 or args.eval_sample_weights < 0:
+        raise UsageError("--beta and --eval-sample-weights must be non-negative")
+    return Agent(obs_dim, act_dim, discrete, suite.num_tasks, args.hidden_sizes, variational, args.rho_init,
+                 args.residual_bias, args.rollout_weights, args.estimator, args.eval_sample_weights)
+
+
+def make_optimizer(args: Args, agent: Agent) -> torch.optim.Optimizer:
+    return make_adam(agent.parameters(), args.learning_rate)
+
+
+def select_run_tasks(args: Args, suite):
+    return select_tasks(suite, args.tasks, args.holdout_task)
+
+
+def regularizer(args: Args, agent: Agent) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scaled term added to the loss, raw per-task value [T]): beta * KL or lambda * ||mu||^2,
+    reduced over tasks by the mean and scaled by --kl-scale."""
+    if args.residual == "variational":
+        weight, raw = args.beta, agent.kl_per_task(args.sigma_prior)
+    else:
+        weight = args.l2_lambda if args.l2_lambda is not None else args.beta / (2 * args.sigma_prior**2)
+        raw = agent.l2_per_task()
+    if args.kl_scale == "per-rollout":
+        scale = 1.0 / (args.num_envs_per_task * args.num_steps)  # N_m: transitions of one task per rollout
+    elif args.kl_scale == "per-param":
+        scale = 1.0 / agent.residual_count()
+    else:
+        scale = 1.0
+    return weight * scale * raw.mean(), raw
+
+
+def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor, info: dict) -> dict:
+    """Clip the RL gradient, then add the regulariser's gradient (it lives on mu and rho only, so
+    it can never shrink theta's RL gradient), then step."""
+    ppo_loss = task_losses.mean()
+    optimizer.zero_grad(set_to_none=True)
+    ppo_loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+    reg_term, raw = regularizer(args, agent)
+    reg_term.backward()
+    optimizer.step()
+    agent.clear_weight_cache()
+    return {"losses/grad_norm": grad_norm, "varshare/reg_term": reg_term.detach(),
+            "varshare/reg_to_ppo_ratio": reg_term.detach() / (ppo_loss.detach().abs() + 1e-8)}
+
+
+@torch.no_grad()
+def method_diagnostics(args: Args, agent: Agent, logger: RunLogger, global_step: int) -> dict:
+    out = {}
+    layers = agent.layers()
+    names = [f"critic{i}" for i in range(len(agent.critic.layers))] + [f"actor{i}" for i in range(len(agent.actor.layers))]
+    if agent.variational:
+        kl = agent.kl_per_task(args.sigma_prior)
+    theta_sq = sum(layer.theta.pow(2).sum() for layer in layers)
+    mu_sq = sum(layer.mu.pow(2).flatten(1).sum(1) for layer in layers)  # [T]
+    flat_mu = torch.cat([layer.mu.flatten(1) for layer in layers], dim=1)  # [T, P]
+    threshold = args.prune_threshold if args.prune_threshold is not None else 1e-3
+    for t, task in enumerate(logger.task_names):
+        out[f"varshare/{task}/residual_ratio"] = (mu_sq[t] / theta_sq).sqrt()
+        out[f"varshare/{task}/mean_abs_mu"] = flat_mu[t].abs().mean()
+        out[f"varshare/{task}/small_mu_fraction"] = (flat_mu[t].abs() < threshold).float().mean()
+        for name, layer in zip(names, layers):
+            out[f"varshare/{task}/residual_ratio/{name}"] = layer.mu[t].norm() / layer.theta.norm()
+        if agent.variational:
+            out[f"varshare/{task}/kl"] = kl[t]
+            out[f"varshare/{task}/mean_sigma"] = torch.cat([layer.sigma()[t].flatten() for layer in layers]).mean()
+    if agent.num_tasks > 1:
+        unit = flat_mu / (flat_mu.norm(dim=1, keepdim=True) + 1e-12)
+        cos = unit @ unit.T
+        off = ~torch.eye(agent.num_tasks, dtype=torch.bool, device=cos.device)
+        out["varshare/mu_pairwise_cosine"] = cos[off].mean()
+    return {k: float(v) for k, v in out.items()}
+
+
+def method_final(args: Args, agent: Agent, final_evaluation) -> dict:
+    """--prune-threshold: evaluate again with small residual entries zeroed; report the pruned
+    fraction, the score and the stored size of the surviving residuals (sparse: value + index)."""
+    if args.prune_threshold is None:
+        return {}
+    with torch.no_grad():
+        mus = torch.cat([layer.mu.flatten() for layer in agent.layers()])
+        kept = int((mus.abs() >= args.prune_threshold).sum())
+    with agent.pruned(args.prune_threshold):
+        pruned = final_evaluation(label=f"pruned@{args.prune_threshold:g}")
+    return {"prune": {
+        "threshold": args.prune_threshold,
+        "fraction_pruned": 1.0 - kept / mus.numel(),
+        "residual_entries": mus.numel(),
+        "dense_residual_bytes": mus.numel() * 4,
+        "sparse_residual_bytes": kept * (4 + 8),  # float32 value + int64 flat index per kept entry
+        "final_success_rate": float(pruned["success"].mean()),
+        "final_return": float(pruned["return"].mean()),
+        "per_task_return": pruned["return"].tolist(),
+        "per_task_success_rate": pruned["success"].tolist(),
+    }}
+
+
+# ==== PPO CORE 2/2: begin (identical in every algos/ppo_*.py) ====
+def compute_gae(rewards, values, ended, next_value, gamma: float, gae_lambda: float):
+    """GAE over a rollout. rewards, values, ended: [S, ...]; next_value: [...].
+
+    ``ended[t]`` means the episode ended after action t (terminated or truncated), so nothing is
+    bootstrapped across it. A truncation's bootstrap gamma * V(final_obs) is already in
+    ``rewards[t]``; a termination gets none."""
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        following_value = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        not_ended = 1.0 - ended[t]
+        delta = rewards[t] + gamma * following_value * not_ended - values[t]
+        last_gae = delta + gamma * gae_lambda * not_ended * last_gae
+        advantages[t] = last_gae
+    return advantages
+
+
+def ppo_task_losses(args, agent, mb: dict) -> tuple[torch.Tensor, dict]:
+    """Each task's PPO loss on a task-stratified minibatch ([T, n, ...] tensors) -> [T]."""
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["task_ids"], mb["actions"])
+    logratio = newlogprob - mb["logprobs"]
+    ratio = logratio.exp()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+    adv = mb["advantages"]
+    if args.norm_adv:
+        adv = (adv - adv.mean(dim=1, keepdim=True)) / (adv.std(dim=1, keepdim=True) + 1e-8)
+    pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean(dim=1)
+    if args.clip_vloss:
+        v_clipped = mb["values"] + (newvalue - mb["values"]).clamp(-args.clip_coef, args.clip_coef)
+        v_loss = 0.5 * torch.max((newvalue - mb["returns"]) ** 2, (v_clipped - mb["returns"]) ** 2).mean(dim=1)
+    else:
+        v_loss = 0.5 * ((newvalue - mb["returns"]) ** 2).mean(dim=1)
+    entropy_loss = entropy.mean(dim=1)
+    task_losses = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss  # [T]
+    stats = {"losses/policy_loss": pg_loss.detach().mean(), "losses/value_loss": v_loss.detach().mean(),
+             "losses/entropy": entropy_loss.detach().mean(), "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac}
+    return task_losses, stats
+
+
+def main(args) -> dict:
+    suite = make_suite(args.env_id)
+    apply_suite_defaults(args, suite)
+    suite = select_run_tasks(args, suite)
+    check_positive(num_envs_per_task=args.num_envs_per_task, num_steps=args.num_steps,
+                   num_minibatches=args.num_minibatches, update_epochs=args.update_epochs,
+                   eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+                   final_eval_episodes=args.final_eval_episodes, learning_rate=args.learning_rate)
+    T, k, S = suite.num_tasks, args.num_envs_per_task, args.num_steps
+    batch_size = T * k * S
+    num_iterations = check_budget(args.total_timesteps, batch_size)
+    if (k * S) % args.num_minibatches != 0:
+        raise UsageError(f"num_envs_per_task x num_steps = {k * S} is not divisible by "
+                         f"--num-minibatches {args.num_minibatches}; pick a divisor")
+    minibatch_per_task = k * S // args.num_minibatches
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    envs, column_tasks = make_vector_env(suite, k, args.seed, args.async_envs)
+    eval_envs, _ = make_vector_env(suite, 1, args.seed, args.async_envs, evaluation=True)
+    obs_dim, act_dim, discrete = space_dims(envs)
+    agent = make_agent(args, suite, obs_dim, act_dim, discrete).to(device)
+    optimizer = make_optimizer(args, agent)
+    obs_normalizer = ObsNormalizer(T, obs_dim, per_task=OBS_NORM_PER_TASK)
+    reward_scaler = RewardScaler(T, k, args.gamma)
+    logger = RunLogger(args, ALGO, suite.task_names, args.runs_dir)
+    checkpoint_path = os.path.join(logger.dir, "checkpoint.pt")
+    parameter_counts = count_parameters(agent)
+    print(f"{logger.run_name}: {T} tasks x {k} envs, {num_iterations} iterations of {batch_size} steps, "
+          f"parameters {parameter_counts}, device {device}")
+
+    # Rollout storage, task-major: [S, T, k, ...]. task_ids[t, j] = t is each column's true task.
+    task_ids = torch.as_tensor(column_tasks.reshape(T, k), device=device)  # [T, k]
+    action_shape = () if discrete else (act_dim,)
+    obs_buf = torch.zeros((S, T, k, obs_dim), device=device)
+    actions_buf = torch.zeros((S, T, k, *action_shape), device=device, dtype=torch.long if discrete else torch.float32)
+    logprobs_buf = torch.zeros((S, T, k), device=device)
+    rewards_buf = torch.zeros((S, T, k), device=device)
+    ended_buf = torch.zeros((S, T, k), device=device)
+    values_buf = torch.zeros((S, T, k), device=device)
+    act_low, act_high = (None, None) if discrete else (envs.single_action_space.low, envs.single_action_space.high)
+
+    def deterministic_policy(obs_np: np.ndarray) -> np.ndarray:
+        obs_t = torch.as_tensor(obs_np, device=device)
+        eval_task_ids = torch.arange(T, device=device)[:, None].expand(T, obs_np.shape[1])
+        with torch.inference_mode():
+            return agent.act_deterministic(obs_t, eval_task_ids).reshape(T * obs_np.shape[1], *action_shape).cpu().numpy()
+
+    def run_evaluation(eval_env, episodes: int, step: int, final: bool, label: str = "") -> dict:
+        # One pass with the deterministic policy; VarShare's --eval-sample-weights N makes this N
+        # passes, each with its own weight sample (drawn on entering eval mode), averaged.
+        passes = []
+        for _ in range(getattr(agent, "eval_passes", 1)):
+            agent.eval()
+            passes.append(evaluate(deterministic_policy, eval_env, T, obs_normalizer, episodes,
+                                   suite.success_return, env_seed(args.seed, evaluation=True)))
+            agent.train()
+        result = {key: np.mean([p[key] for p in passes], axis=0) if key in ("success", "return") else passes[0][key]
+                  for key in passes[0]}
+        result["passes"] = len(passes)
+        if label:
+            result["label"] = label
+        logger.eval(result, step, final=final)
+        print(f"step {step}: eval{' ' + label if label else ''} success {result['success'].mean():.3f} "
+              f"return {result['return'].mean():.1f} "
+              + " ".join(f"{n}={r:.1f}" for n, r in zip(suite.task_names, result["return"])))
+        return result
+
+    def final_evaluation(label: str = "") -> dict:
+        # A fresh env, so that Meta-World's 50 episodes visit each of the task's 50 goals once.
+        final_envs, _ = make_vector_env(suite, 1, args.seed, args.async_envs, evaluation=True)
+        try:
+            return run_evaluation(final_envs, args.final_eval_episodes, global_step, final=True, label=label)
+        finally:
+            final_envs.close()
+
+    global_step, start_time, next_eval = 0, time.time(), args.eval_every
+    raw_obs, _ = envs.reset(seed=env_seed(args.seed, evaluation=False))
+    raw_obs = raw_obs.reshape(T, k, obs_dim)
+    obs_normalizer.update(raw_obs)
+    next_obs = torch.as_tensor(obs_normalizer.normalize(raw_obs), device=device)  # [T, k, obs_dim]
+    running_success = np.zeros(T * k, bool)
+    try:
+        for iteration in range(1, num_iterations + 1):
+            if args.anneal_lr:
+                for group in optimizer.param_groups:
+                    group["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
+            episode_returns = [[] for _ in range(T)]
+            episode_successes = [[] for _ in range(T)]
+            env_time = inference_time = 0.0
+            rollout_start = time.perf_counter()
+            for step in range(S):
+                global_step += T * k
+                obs_buf[step] = next_obs
+                tic = time.perf_counter()
+                with torch.inference_mode():
+                    action, logprob, _, value = agent.get_action_and_value(next_obs, task_ids)
+                env_action = action.reshape(T * k, *action_shape).cpu().numpy()
+                inference_time += time.perf_counter() - tic
+                values_buf[step], actions_buf[step], logprobs_buf[step] = value, action, logprob
+                if act_low is not None:
+                    env_action = np.clip(env_action, act_low, act_high)
+                tic = time.perf_counter()
+                raw_obs, reward, terminated, truncated, info = envs.step(env_action)
+                env_time += time.perf_counter() - tic
+                ended = terminated | truncated
+                raw_obs = raw_obs.reshape(T, k, obs_dim)
+                obs_normalizer.update(raw_obs)
+                next_obs = torch.as_tensor(obs_normalizer.normalize(raw_obs), device=device)
+                scaled_reward = reward_scaler.scale(reward.reshape(T, k), ended.reshape(T, k))
+                bootstrap = truncated & ~terminated  # time limit: the episode did not really end
+                if bootstrap.any():
+                    final_obs = raw_obs.copy().reshape(T * k, obs_dim)
+                    for i in np.flatnonzero(bootstrap):
+                        final_obs[i] = info["final_obs"][i]
+                    final_obs_t = torch.as_tensor(obs_normalizer.normalize(final_obs.reshape(T, k, obs_dim)), device=device)
+                    with torch.inference_mode():
+                        final_value = agent.get_value(final_obs_t, task_ids).cpu().numpy().reshape(T * k)
+                    scaled_reward = scaled_reward.reshape(T * k)
+                    scaled_reward[bootstrap] += args.gamma * final_value[bootstrap]
+                    scaled_reward = scaled_reward.reshape(T, k)
+                rewards_buf[step] = torch.as_tensor(scaled_reward, device=device)
+                ended_buf[step] = torch.as_tensor(ended.reshape(T, k), device=device, dtype=torch.float32)
+                running_success |= step_success(info, ended)
+                if ended.any():
+                    done_mask, returns_np = finished_episodes(info, ended)
+                    for i in np.flatnonzero(done_mask):
+                        episode_returns[i // k].append(returns_np[i])
+                        episode_successes[i // k].append(running_success[i])
+                    running_success[ended] = False
+                    agent.episode_boundaries(torch.as_tensor(ended.reshape(T, k), device=device))
+            rollout_time = time.perf_counter() - rollout_start
+
+            update_start = time.perf_counter()
+            with torch.inference_mode():
+                next_value = agent.get_value(next_obs, task_ids)
+            advantages = compute_gae(rewards_buf, values_buf, ended_buf, next_value, args.gamma, args.gae_lambda)
+            returns = advantages + values_buf
+
+            # Flatten each task's data: [S, T, k, ...] -> [T, S * k, ...]; minibatches keep the task axis.
+            def per_task_rows(x):
+                return x.transpose(0, 1).reshape(T, S * k, *x.shape[3:])
+
+            batch = {"obs": per_task_rows(obs_buf), "actions": per_task_rows(actions_buf),
+                     "logprobs": per_task_rows(logprobs_buf), "advantages": per_task_rows(advantages),
+                     "returns": per_task_rows(returns), "values": per_task_rows(values_buf)}
+            batch_task_ids = task_ids[:, :1].expand(T, minibatch_per_task)  # [T, n]
+            stats_sum: dict[str, torch.Tensor] = {}
+            num_updates = 0
+            stop_early = False
+            for epoch in range(args.update_epochs):
+                order = torch.rand(T, S * k, device=device).argsort(dim=1)  # a fresh permutation per task
+                for start in range(0, S * k, minibatch_per_task):
+                    idx = order[:, start:start + minibatch_per_task]  # [T, n]
+                    mb = {key: torch.take_along_dim(value, idx.view(T, -1, *([1] * (value.dim() - 2))), dim=1)
+                          for key, value in batch.items()}
+                    mb["task_ids"] = batch_task_ids
+                    task_losses, stats = ppo_task_losses(args, agent, mb)
+                    stats.update(method_update(args, agent, optimizer, task_losses,
+                                               {"epoch": epoch, "start": start, "iteration": iteration}))
+                    for key, value in stats.items():  # summed as tensors: no device sync per minibatch
+                        stats_sum[key] = stats_sum.get(key, 0.0) + value
+                    num_updates += 1
+                    if args.target_kl is not None and float(stats["losses/approx_kl"]) > args.target_kl:
+                        stop_early = True
+                        break
+                if stop_early:
+                    break
+            for name, param in agent.named_parameters():
+                if not torch.isfinite(param).all():
+                    raise TrainingDiverged(f"parameter '{name}' is not finite after the update of iteration "
+                                           f"{iteration} (step {global_step}); the last good checkpoint is "
+                                           f"{checkpoint_path}")
+            update_time = time.perf_counter() - update_start
+
+            y_pred, y_true = values_buf.flatten().cpu().numpy(), returns.flatten().cpu().numpy()
+            var_y = np.var(y_true)
+            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+            for key, value in stats_sum.items():
+                logger.scalar(key, float(value) / num_updates, global_step)
+            logger.scalar("losses/explained_variance", explained_var, global_step)
+            logger.scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            logger.scalar("charts/SPS", global_step / (time.time() - start_time), global_step)
+            logger.scalar("perf/env_time", env_time, global_step)
+            logger.scalar("perf/inference_time", inference_time, global_step)
+            logger.scalar("perf/rollout_time", rollout_time, global_step)
+            logger.scalar("perf/update_time", update_time, global_step)
+            logger.scalar("perf/rollout_sps", batch_size / rollout_time, global_step)
+            all_returns = [r for task in episode_returns for r in task]
+            if all_returns:
+                logger.scalar("charts/episodic_return", np.mean(all_returns), global_step)
+            for name, task_returns, task_successes in zip(suite.task_names, episode_returns, episode_successes):
+                if task_returns:
+                    logger.scalar(f"charts/{name}/episodic_return", np.mean(task_returns), global_step)
+                    if suite.success_return is None:
+                        logger.scalar(f"charts/{name}/success_rate", np.mean(task_successes), global_step)
+            for key, value in method_diagnostics(args, agent, logger, global_step).items():
+                logger.scalar(key, value, global_step)
+            logger.perf_history.append({"rollout_time": rollout_time, "update_time": update_time,
+                                        "env_time": env_time, "inference_time": inference_time,
+                                        "steps": batch_size})
+
+            if global_step >= next_eval or iteration == num_iterations:
+                while next_eval <= global_step:
+                    next_eval += args.eval_every
+                run_evaluation(eval_envs, args.eval_episodes, global_step, final=False)
+                save_checkpoint(checkpoint_path, agent, optimizer, obs_normalizer, reward_scaler, global_step,
+                                {"algo": ALGO, "args": dataclasses.asdict(args), "task_names": suite.task_names})
+    finally:
+        envs.close()
+        eval_envs.close()
+
+    final = final_evaluation()
+    extra = {**logger.perf_summary(), **method_final(args, agent, final_evaluation)}
+    summary = logger.summary(final, global_step, parameter_counts, device, extra)
+    logger.close()
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main, Args)
+# ==== PPO CORE 2/2: end ====
