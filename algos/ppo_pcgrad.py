@@ -47,9 +47,9 @@ Decisions and deviations from the paper:
 - Per-task gradients by T calls of torch.autograd.grad with retain_graph, rather than one vmapped
   backward (torch.autograd.grad(..., is_grads_batched=True) or torch.func): the loop is the paper's
   algorithm read literally, its numbers are those of ordinary backward passes, and it relies on no
-  vmap batching rule for any op in the loss. The cost is T backward passes per minibatch; at MT10's
-  sizes (10 tasks, 3 x 400 units, 100 rows per task) on this project's 2-core CPU the vmapped version
-  was only about 20% faster, which does not pay for the less common API.
+  vmap batching rule for any op in the loss. The cost is T backward passes per minibatch; on this
+  project's 2-core CPU the vmapped version was only 20-30% faster (at MT10's sizes: 10 tasks, 3 x 400
+  units, 100 rows per task; and at cartpole-mt's), which does not pay for the less common API.
 - Visiting orders: one torch.randperm of the other tasks per task i, per group, per minibatch, drawn
   from torch's global CPU generator, which ``--seed`` seeds; the draws shift that generator, so on a
   CPU the same seed does not give ppo_mtl_embed's minibatch order.
@@ -337,9 +337,9 @@ def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor
     """One PCGrad step on the task-stratified minibatch: task_losses is [T]."""
     num_tasks = task_losses.shape[0]
     params = list(agent.parameters())
-    per_task = [torch.autograd.grad(task_losses[t], params, retain_graph=t < num_tasks - 1)
+    grads_by_task = [torch.autograd.grad(task_losses[t], params, retain_graph=t < num_tasks - 1)
                 for t in range(num_tasks)]
-    task_grads = {p: torch.stack(g) for p, g in zip(params, zip(*per_task))}  # p -> [T, *p.shape]
+    task_grads = {p: torch.stack(g) for p, g in zip(params, zip(*grads_by_task))}  # p -> [T, *p.shape]
     optimizer.zero_grad(set_to_none=True)
     # Plain gradient of the mean loss everywhere; this is final for the task-only entries (log-std and
     # embedding rows, one-hot columns), and the shared entries are overwritten below.

@@ -49,8 +49,16 @@ class RunLogger:
         self.run_name = f"{args.env_id}__{algo}__{args.seed}__{stamp}"
         if getattr(args, "run_name_suffix", ""):
             self.run_name += f"__{args.run_name_suffix}"
-        self.dir = os.path.join(runs_dir, self.run_name)
-        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(runs_dir, exist_ok=True)
+        base, attempt = self.run_name, 1
+        while True:  # two runs started in the same second must never share a directory
+            self.dir = os.path.join(runs_dir, self.run_name)
+            try:
+                os.mkdir(self.dir)
+                break
+            except FileExistsError:
+                attempt += 1
+                self.run_name = f"{base}__{attempt}"
         config = {k: _jsonable(v) for k, v in dataclasses.asdict(args).items()}
         config.update(algo=algo, task_names=list(task_names), run_name=self.run_name)
         with open(os.path.join(self.dir, "args.json"), "w") as f:

@@ -1,0 +1,86 @@
+"""Shared test helpers: load an algorithm script as a module, run scripts through subprocess.
+
+Torch is limited to one thread: the networks in these tests are tiny, and on a loaded 2-core
+machine a second torch thread makes each small matmul spin instead of compute (hundreds of
+times slower). The subprocess runs get the same limit through OMP_NUM_THREADS.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ALGOS = REPO / "algos"
+VENV_PYTHON = REPO / ".venv" / "bin" / "python"
+PYTHON = str(VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable))
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+torch.set_num_threads(1)
+
+_loaded: dict[str, object] = {}
+
+
+def load_script(name: str):
+    """Import algos/<name>.py as a module (registered in sys.modules, as dataclasses require)."""
+    if name not in _loaded:
+        module_name = f"algos_{name}"
+        spec = importlib.util.spec_from_file_location(module_name, ALGOS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+        _loaded[name] = module
+    return _loaded[name]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    env.update(extra)
+    return env
+
+
+def run_script(script: str, argv: list[str], env: dict[str, str] | None = None, timeout: float = 300.0,
+               cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+    """Run ``algos/<script>.py argv...`` with the venv python; captures text stdout/stderr."""
+    return subprocess.run(
+        [PYTHON, str(ALGOS / f"{script}.py"), *argv],
+        capture_output=True, text=True, timeout=timeout, env=env or subprocess_env(), cwd=cwd or REPO,
+    )
+
+
+class ScriptRuns:
+    """Subprocess runs started together, two at a time (a 2-core machine), collected per test.
+
+    Only the runs of tests that pytest actually selected are started."""
+
+    def __init__(self, jobs: dict[str, dict], workers: int = 2):
+        self._pool = ThreadPoolExecutor(max_workers=workers)
+        self._futures: dict[str, Future] = {
+            name: self._pool.submit(run_script, job["script"], job["argv"], job.get("env")) for name, job in jobs.items()
+        }
+
+    def result(self, name: str) -> subprocess.CompletedProcess:
+        return self._futures[name].result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def selected_test_names(request: pytest.FixtureRequest) -> set[str]:
+    """Names (without parameters) of the tests selected in the requesting module."""
+    path = request.node.path
+    return {item.originalname or item.name for item in request.session.items if item.path == path}
+
+
+def describe(proc: subprocess.CompletedProcess) -> str:
+    return f"exit code {proc.returncode}\n--- stdout (tail)\n{proc.stdout[-3000:]}\n--- stderr (tail)\n{proc.stderr[-3000:]}"

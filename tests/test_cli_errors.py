@@ -1,0 +1,66 @@
+"""Bad input gets one clear sentence on stderr, exit code 2, and no traceback.
+
+The scripts run through subprocess, two at a time, started when the module's first test asks."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import ScriptRuns, describe, selected_test_names
+
+CASES = {
+    "test_unknown_env_id_is_refused": (
+        "ppo_mtl_embed", ["--env-id", "cartpole-multi"], ["unknown --env-id 'cartpole-multi'", "cartpole-mt", "mt10"]),
+    "test_unknown_task_name_for_ppo_single_lists_the_valid_tasks": (
+        "ppo_single", ["--env-id", "cartpole-mt", "--task", "long-pol"],
+        ["unknown task 'long-pol'", "standard", "long-pole", "heavy-pole", "heavy-cart", "low-gravity-weak-push"]),
+    "test_unknown_metaworld_task_is_refused": (
+        "ppo_single", ["--env-id", "reech-v3"], ["unknown Meta-World task 'reech-v3'", "reach-v3", "pick-place-v3"]),
+    "test_budget_smaller_than_one_rollout_is_refused": (
+        "ppo_mtl_embed", ["--env-id", "cartpole-mt", "--num-envs-per-task", "2", "--num-steps", "16",
+                          "--total-timesteps", "100"], ["--total-timesteps 100", "160"]),
+    "test_task_flag_on_a_single_env_id_is_refused": (
+        "ppo_single", ["--env-id", "CartPole-v1", "--task", "standard"], ["--task", "multi-task", "CartPole-v1"]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(request):
+    wanted = selected_test_names(request)
+    jobs = {name: dict(script=script, argv=argv) for name, (script, argv, _) in CASES.items() if name in wanted}
+    pool = ScriptRuns(jobs)
+    yield pool
+    pool.close()
+
+
+def check_usage_error(runs, name: str) -> str:
+    proc = runs.result(name)
+    _, _, fragments = CASES[name]
+    assert proc.returncode == 2, describe(proc)
+    assert "Traceback" not in proc.stderr, describe(proc)
+    message = proc.stderr.strip()
+    assert message.startswith("error: "), describe(proc)
+    assert len(message.splitlines()) == 1, f"expected one line, got:\n{message}"
+    for fragment in fragments:
+        assert fragment in message, f"'{fragment}' missing from: {message}"
+    return message
+
+
+def test_unknown_env_id_is_refused(runs):
+    check_usage_error(runs, "test_unknown_env_id_is_refused")
+
+
+def test_unknown_task_name_for_ppo_single_lists_the_valid_tasks(runs):
+    check_usage_error(runs, "test_unknown_task_name_for_ppo_single_lists_the_valid_tasks")
+
+
+def test_unknown_metaworld_task_is_refused(runs):
+    check_usage_error(runs, "test_unknown_metaworld_task_is_refused")
+
+
+def test_budget_smaller_than_one_rollout_is_refused(runs):
+    check_usage_error(runs, "test_budget_smaller_than_one_rollout_is_refused")
+
+
+def test_task_flag_on_a_single_env_id_is_refused(runs):
+    check_usage_error(runs, "test_task_flag_on_a_single_env_id_is_refused")

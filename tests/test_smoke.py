@@ -1,0 +1,160 @@
+"""CleanRL-style smoke runs: each script end to end through subprocess with a tiny budget, then the
+run directory is checked (PROTOCOL section 6). Runs go two at a time, longest first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.params import mlp_count
+from tests.conftest import ScriptRuns, describe, selected_test_names, subprocess_env
+
+TINY_CARTPOLE = ["--num-steps", "32", "--num-minibatches", "2", "--update-epochs", "1", "--hidden-sizes", "8", "8",
+                 "--eval-episodes", "1", "--final-eval-episodes", "1"]
+TINY_METAWORLD = ["--num-envs-per-task", "1", "--num-minibatches", "2", "--update-epochs", "1",
+                  "--eval-episodes", "1", "--final-eval-episodes", "1"]
+CARTPOLE_MT_TASKS = ["standard", "long-pole", "heavy-pole", "heavy-cart", "low-gravity-weak-push"]
+
+# name: script, env_id, extra argv, total_timesteps, eval_every, task names, env vars
+RUNS = {
+    "test_ppo_mtl_embed_on_mt3": (
+        "ppo_mtl_embed", "mt3", TINY_METAWORLD + ["--num-steps", "50"], 150, 150,
+        ["reach-v3", "push-v3", "pick-place-v3"], {}),
+    "test_ppo_single_on_reach": (
+        "ppo_single", "reach-v3", TINY_METAWORLD + ["--num-steps", "100"], 200, 200, ["reach-v3"], {}),
+    "test_tracked_run_works_with_wandb_offline": (
+        "ppo_single", "CartPole-v1", TINY_CARTPOLE + ["--num-envs-per-task", "2", "--track"], 64, 64,
+        ["CartPole-v1"], {"WANDB_MODE": "offline"}),
+    "test_ppo_single_on_cartpole": (
+        "ppo_single", "CartPole-v1", TINY_CARTPOLE + ["--num-envs-per-task", "2"], 128, 64, ["CartPole-v1"], {}),
+    "test_ppo_single_on_cartpole_mt": (
+        "ppo_single", "cartpole-mt", TINY_CARTPOLE + ["--num-envs-per-task", "1"], 320, 320, CARTPOLE_MT_TASKS, {}),
+    "test_ppo_mtl_embed_on_cartpole_mt": (
+        "ppo_mtl_embed", "cartpole-mt", TINY_CARTPOLE + ["--num-envs-per-task", "1"], 320, 160,
+        CARTPOLE_MT_TASKS, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    wanted = selected_test_names(request)
+    jobs, dirs = {}, {}
+    for name, (script, env_id, extra, total, every, _, env) in RUNS.items():
+        if name not in wanted:
+            continue
+        root = tmp_path_factory.mktemp(name.removeprefix("test_"))
+        dirs[name] = root / "runs"
+        argv = ["--env-id", env_id, "--total-timesteps", str(total), "--eval-every", str(every),
+                "--runs-dir", str(dirs[name]), *extra]
+        jobs[name] = dict(script=script, argv=argv, env=subprocess_env(**env, WANDB_DIR=str(root)))
+    pool = ScriptRuns(jobs)
+    yield pool, dirs
+    pool.close()
+
+
+def finished_run(runs, name: str) -> Path:
+    """Wait for the run, check the shared run-directory contract, return the run directory."""
+    pool, dirs = runs
+    script, env_id, _, total, every, task_names, _ = RUNS[name]
+    proc = pool.result(name)
+    assert proc.returncode == 0, describe(proc)
+    run_dirs = list(dirs[name].iterdir())
+    assert len(run_dirs) == 1, run_dirs
+    run_dir = run_dirs[0]
+    assert run_dir.name.startswith(f"{env_id}__{script}__1__"), run_dir.name
+
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["env_id"] == env_id and args["algo"] == script
+    assert args["total_timesteps"] == total and args["task_names"] == task_names
+
+    lines = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    periodic = list(range(every, total + 1, every))
+    assert [line["global_step"] for line in lines] == periodic + [total]
+    assert [line["final"] for line in lines] == [False] * len(periodic) + [True]
+    for line in lines:
+        assert list(line["per_task"]) == task_names
+        for result in line["per_task"].values():
+            assert 0.0 <= result["success_rate"] <= 1.0
+            assert isinstance(result["return"], float)
+        assert line["episodes_per_task"] == 1
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    counts = summary["parameter_counts"]
+    assert set(counts) == {"total", "active", "trained_per_task"}
+    assert 0 < counts["trained_per_task"] <= counts["total"] and 0 < counts["active"] <= counts["total"]
+    assert 0.0 <= summary["final_success_rate"] <= 1.0
+    assert summary["global_step"] == total
+    assert list(summary["per_task"]) == task_names
+    assert summary["final_return"] == pytest.approx(lines[-1]["return"])
+
+    events = list(run_dir.glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+
+    checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == total
+    assert {"agent", "optimizer", "obs_normalizer", "reward_scaler", "rng"} <= set(checkpoint)
+    return run_dir
+
+
+def counts_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())["parameter_counts"]
+
+
+def test_ppo_single_on_cartpole(runs):
+    run_dir = finished_run(runs, "test_ppo_single_on_cartpole")
+    one = mlp_count([4, 8, 8, 2]) + mlp_count([4, 8, 8, 1])  # 130 + 121
+    assert counts_of(run_dir) == {"total": one, "active": one, "trained_per_task": one} == {
+        "total": 251, "active": 251, "trained_per_task": 251}
+    # CleanRL's metric names are in the tensorboard file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ["charts/SPS", "losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/approx_kl",
+                "losses/clipfrac", "losses/explained_variance", "eval/success_rate",
+                "eval/CartPole-v1/success_rate", "eval/CartPole-v1/return", "perf/env_time",
+                "perf/inference_time", "perf/update_time"]:
+        assert tag in tags, f"{tag} not logged; have {sorted(tags)}"
+    assert [e.step for e in acc.Scalars("charts/SPS")] == [64, 128]
+
+
+def test_ppo_single_on_cartpole_mt(runs):
+    run_dir = finished_run(runs, "test_ppo_single_on_cartpole_mt")
+    one = mlp_count([4, 8, 8, 2]) + mlp_count([4, 8, 8, 1])  # five independent agents of 251 each
+    assert counts_of(run_dir) == {"total": 5 * one, "active": one, "trained_per_task": one}
+
+
+def test_ppo_single_on_reach(runs):
+    run_dir = finished_run(runs, "test_ppo_single_on_reach")
+    one = mlp_count([39, 256, 256, 4]) + mlp_count([39, 256, 256, 1]) + 4  # + log-std
+    assert counts_of(run_dir) == {"total": one, "active": one, "trained_per_task": one} == {
+        "total": 153353, "active": 153353, "trained_per_task": 153353}
+
+
+def test_ppo_mtl_embed_on_cartpole_mt(runs):
+    run_dir = finished_run(runs, "test_ppo_mtl_embed_on_cartpole_mt")
+    total = mlp_count([4 + 5, 8, 8, 2]) + mlp_count([4 + 5, 8, 8, 1])  # one-hot of 5 tasks in the input
+    # one task's data reaches only its own one-hot column of the two first layers
+    assert counts_of(run_dir) == {"total": total, "active": total - 4 * 16, "trained_per_task": total - 4 * 16}
+    assert total == 331
+
+
+def test_ppo_mtl_embed_on_mt3(runs):
+    run_dir = finished_run(runs, "test_ppo_mtl_embed_on_mt3")
+    total = mlp_count([39 + 3, 256, 256, 4]) + mlp_count([39 + 3, 256, 256, 1]) + 3 * 4
+    assert total == 154897
+    trained = total - 2 * (256 + 256) - 2 * 4
+    assert counts_of(run_dir) == {"total": total, "active": trained, "trained_per_task": trained}
+
+
+def test_tracked_run_works_with_wandb_offline(runs):
+    run_dir = finished_run(runs, "test_tracked_run_works_with_wandb_offline")
+    pool, dirs = runs
+    offline = list(dirs["test_tracked_run_works_with_wandb_offline"].parent.rglob("offline-run-*"))
+    assert offline, "no wandb offline run was written"
+    assert list(offline[0].glob("run-*.wandb")), "the offline run holds no .wandb log"
+    assert "Traceback" not in pool.result("test_tracked_run_works_with_wandb_offline").stderr

@@ -1,0 +1,278 @@
+"""VarShare's layer, KL, estimators, regulariser and update rule, checked against slow references."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+
+from tests.conftest import load_script
+
+vs = load_script("ppo_varshare")
+
+
+def make_layer(T=3, d_in=5, d_out=4, variational=True, residual_bias=False, seed=0):
+    torch.manual_seed(seed)
+    layer = vs.VarShareLinear(T, d_in, d_out, std=1.0, variational=variational, rho_init=-2.0,
+                              residual_bias=residual_bias)
+    with torch.no_grad():
+        layer.mu.normal_(0, 0.3)
+        if layer.mu_bias is not None:
+            layer.mu_bias.normal_(0, 0.3)
+    return layer
+
+
+def args_for(**overrides):
+    base = dict(residual="variational", beta=1.0, sigma_prior=0.1, l2_lambda=None, kl_scale="per-rollout",
+                num_envs_per_task=2, num_steps=8, max_grad_norm=0.5)
+    base.update(overrides)
+    return types.SimpleNamespace(**base)
+
+
+def test_closed_form_kl_matches_monte_carlo_and_vanishes_at_the_prior():
+    torch.manual_seed(1)
+    sigma_prior = 0.1
+    agent = vs.Agent(3, 2, True, num_tasks=2, hidden_sizes=(4,), variational=True, rho_init=-2.0,
+                     residual_bias=False, rollout_weights="mean", estimator="flipout", eval_sample_weights=0)
+    with torch.no_grad():
+        for layer in agent.layers():
+            layer.mu.normal_(0, 0.05)
+            layer.rho.uniform_(-4, -1)
+    kl = agent.kl_per_task(sigma_prior)  # [T]
+    # Monte Carlo: E_q[log q(phi) - log p(phi)] with many samples
+    samples = 20000
+    mc = torch.zeros(2, dtype=torch.float64)
+    for layer in agent.layers():
+        mu, sigma = layer.mu.double(), layer.sigma().double()
+        phi = mu + sigma * torch.randn(samples, *mu.shape, dtype=torch.float64)
+        log_q = torch.distributions.Normal(mu, sigma).log_prob(phi)
+        log_p = torch.distributions.Normal(0.0, sigma_prior).log_prob(phi)
+        mc += (log_q - log_p).mean(0).flatten(1).sum(1)
+    assert torch.allclose(kl.double(), mc, rtol=0.02), (kl, mc)
+
+    with torch.no_grad():
+        for layer in agent.layers():
+            layer.mu.zero_()
+            layer.rho.fill_(vs.softplus_inverse(sigma_prior))
+    assert agent.kl_per_task(sigma_prior).abs().max() < 1e-3  # float32 softplus round trip
+    with torch.no_grad():  # exactly zero when sigma equals sigma_prior exactly
+        for layer in agent.layers():
+            layer.rho.fill_(0.0)
+    exact = agent.kl_per_task(math.log1p(math.e**0.0))
+    assert torch.equal(exact, torch.zeros(2))
+
+
+def test_batched_layer_equals_per_task_python_loop_forward_and_gradients():
+    for T, n, d_in, d_out in [(3, 5, 4, 6), (1, 7, 3, 2), (4, 1, 6, 3)]:
+        layer = make_layer(T, d_in, d_out, residual_bias=True, seed=T)
+        x = torch.randn(T, n, d_in, requires_grad=True)
+        y = layer(x, "mean")
+        ref = torch.stack([x[t] @ (layer.theta + layer.mu[t]) + layer.bias + layer.mu_bias[t, 0] for t in range(T)])
+        assert torch.allclose(y, ref, atol=1e-6)
+        grad_out = torch.randn_like(y)
+        grads = torch.autograd.grad((y * grad_out).sum(), [x, layer.theta, layer.mu, layer.bias])
+        grads_ref = torch.autograd.grad((ref * grad_out).sum(), [x, layer.theta, layer.mu, layer.bias])
+        for a, b in zip(grads, grads_ref):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_reparam_uses_one_weight_sample_per_task():
+    layer = make_layer(T=2, d_in=3, d_out=2)
+    x = torch.randn(2, 4, 3)
+    torch.manual_seed(5)
+    y = layer(x, "reparam")
+    torch.manual_seed(5)
+    eps = torch.randn_like(layer.mu)
+    weight = layer.theta + layer.mu + layer.sigma() * eps
+    ref = torch.stack([x[t] @ weight[t] + layer.bias for t in range(2)])
+    assert torch.allclose(y, ref, atol=1e-6)
+
+
+def replicated(layer, copies):
+    """The same layer with every task repeated ``copies`` times: one call = ``copies`` independent draws."""
+    T, d_in, d_out = layer.mu.shape
+    big = vs.VarShareLinear(T * copies, d_in, d_out, std=1.0, variational=True, rho_init=-2.0, residual_bias=False)
+    with torch.no_grad():
+        big.theta.copy_(layer.theta)
+        big.bias.copy_(layer.bias)
+        big.mu.copy_(layer.mu.repeat(copies, 1, 1))
+        big.rho.copy_(layer.rho.repeat(copies, 1, 1))
+    return big
+
+
+def test_flipout_mean_variance_and_decorrelation():
+    T, n, d_in, d_out, D = 2, 3, 4, 3, 20000
+    layer = make_layer(T, d_in, d_out)
+    x = torch.randn(T, n, d_in)
+    x[:, 1] = x[:, 0]  # two identical examples: without sign flips their noise would be identical
+    big = replicated(layer, D)
+    with torch.no_grad():
+        mean_out = layer(x, "mean")
+        draws = big(x.repeat(D, 1, 1), "flipout").view(D, T, n, d_out)
+        reparam = big(x.repeat(D, 1, 1), "reparam").view(D, T, n, d_out)
+    assert torch.allclose(draws.mean(0), mean_out, atol=0.02)
+    expected_var = torch.einsum("tni,tio->tno", x**2, layer.sigma().detach() ** 2)
+    assert torch.allclose(draws.var(0), expected_var, rtol=0.06, atol=1e-4)
+    # the two identical examples of one task share eps, yet Flipout's random signs leave their
+    # noise uncorrelated; the reparam estimator (one sample per task) makes it identical.
+    noise = draws - mean_out
+    corr = torch.corrcoef(torch.stack([noise[:, 0, 0].flatten(), noise[:, 0, 1].flatten()]))[0, 1]
+    assert abs(float(corr)) < 0.05
+    noise_r = reparam - mean_out
+    corr_r = torch.corrcoef(torch.stack([noise_r[:, 0, 0].flatten(), noise_r[:, 0, 1].flatten()]))[0, 1]
+    assert float(corr_r) > 0.99
+
+
+def tiny_agent(variational=True, T=2):
+    torch.manual_seed(0)
+    return vs.Agent(3, 2, True, num_tasks=T, hidden_sizes=(5,), variational=variational, rho_init=-5.0,
+                    residual_bias=False, rollout_weights="mean", estimator="flipout", eval_sample_weights=0)
+
+
+def rl_loss(agent):
+    obs = torch.randn(agent.num_tasks, 6, 3)
+    task_ids = torch.arange(agent.num_tasks)[:, None].expand(-1, 6)
+    _, logprob, _, value = agent.get_action_and_value(obs, task_ids, torch.randint(0, 2, (agent.num_tasks, 6)))
+    return -(logprob * torch.randn_like(logprob)).mean(dim=1) + value.pow(2).mean(dim=1)  # [T]
+
+
+def test_with_beta_zero_rl_gradients_reach_mu_and_rho():
+    agent = tiny_agent()
+    opt = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    vs.method_update(args_for(beta=0.0), agent, opt, rl_loss(agent), {})
+    for layer in agent.layers():
+        assert layer.mu.grad.abs().sum() > 0
+        assert layer.rho.grad.abs().sum() > 0
+
+
+def test_large_beta_without_rl_signal_shrinks_mu_to_zero():
+    agent = tiny_agent()
+    with torch.no_grad():
+        for layer in agent.layers():
+            layer.mu.normal_(0, 0.5)
+    start = sum(layer.mu.abs().mean() for layer in agent.layers())
+    opt = torch.optim.Adam(agent.parameters(), lr=1e-2)
+    args = args_for(beta=100.0)
+    for _ in range(600):
+        vs.method_update(args, agent, opt, torch.zeros(agent.num_tasks, requires_grad=True), {})
+    end = sum(layer.mu.abs().mean() for layer in agent.layers())
+    assert end < 0.01 * start
+
+
+def test_kl_gradient_is_added_after_clipping_and_never_touches_theta():
+    agent = tiny_agent()
+    opt = torch.optim.SGD(agent.parameters(), lr=0.0)
+    losses = rl_loss(agent)
+    vs.method_update(args_for(beta=1e4, max_grad_norm=1e-3), agent, opt, losses, {})
+    theta_grads = torch.cat([layer.theta.grad.flatten() for layer in agent.layers()])
+    # theta's gradient is the clipped RL gradient alone: its norm is at most the clip
+    assert theta_grads.norm() <= 1e-3 + 1e-6
+    rho_grads = torch.cat([layer.rho.grad.flatten() for layer in agent.layers()])
+    assert rho_grads.norm() > 1.0  # the huge KL gradient was added unclipped to the residuals
+
+
+def test_l2soft_at_matched_lambda_gives_varshare_mu_gradient_with_sigma_at_prior():
+    sigma_prior = 0.05
+    var_agent, l2_agent = tiny_agent(True), tiny_agent(False)
+    with torch.no_grad():
+        for lv, ll in zip(var_agent.layers(), l2_agent.layers()):
+            lv.mu.normal_(0, 0.1)
+            ll.mu.copy_(lv.mu)
+            lv.rho.fill_(vs.softplus_inverse(sigma_prior))  # sigma fixed at the prior
+    beta = 0.7
+    reg_var, _ = vs.regularizer(args_for(beta=beta, sigma_prior=sigma_prior), var_agent)
+    reg_l2, _ = vs.regularizer(args_for(residual="l2", beta=beta, sigma_prior=sigma_prior), l2_agent)
+    g_var = torch.autograd.grad(reg_var, [layer.mu for layer in var_agent.layers()])
+    g_l2 = torch.autograd.grad(reg_l2, [layer.mu for layer in l2_agent.layers()])
+    for a, b in zip(g_var, g_l2):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    # and the RL forward is the same without noise: mean weights equal
+    obs = torch.randn(2, 4, 3)
+    with torch.no_grad():
+        assert torch.allclose(var_agent.actor(obs, "mean"), l2_agent.actor(obs, "mean"))
+
+
+def test_mean_weight_cache_follows_optimizer_steps():
+    agent = tiny_agent()
+    obs = torch.randn(2, 4, 3)
+    task_ids = torch.arange(2)[:, None].expand(-1, 4)
+    with torch.inference_mode():
+        before = agent.act_deterministic(obs, task_ids).clone()
+        before_head = agent.actor(obs, "mean").clone()
+    opt = torch.optim.Adam(agent.parameters(), lr=0.1, fused=True)
+    vs.method_update(args_for(beta=0.0), agent, opt, rl_loss(agent), {})
+    with torch.inference_mode():
+        after_head = agent.actor(obs, "mean")
+    with torch.no_grad():
+        fresh = torch.stack([obs[t] @ (agent.actor.layers[0].theta + agent.actor.layers[0].mu[t]) + agent.actor.layers[0].bias
+                             for t in range(2)])
+        fresh = torch.stack([torch.tanh(fresh[t]) @ (agent.actor.layers[1].theta + agent.actor.layers[1].mu[t])
+                             + agent.actor.layers[1].bias for t in range(2)])
+    assert not torch.allclose(before_head, after_head)
+    assert torch.allclose(after_head, fresh, atol=1e-6)
+    assert before.shape == (2, 4)
+
+
+def test_modes_follow_autograd_training_and_eval_state():
+    agent = tiny_agent()
+    assert agent.mode() == "flipout"  # a loss is being computed
+    with torch.no_grad():
+        assert agent.mode() == "mean"  # acting
+        agent.eval()
+        assert agent.mode() == "mean"  # evaluation
+        agent.train()
+    agent.eval_sample_weights, agent.eval_passes = 3, 3
+    agent.eval()
+    with torch.no_grad():
+        assert agent.mode() == "fixed"
+    agent.train()
+
+
+def test_episode_rollout_weights_redraw_only_for_ended_envs():
+    torch.manual_seed(0)
+    agent = vs.Agent(3, 2, True, num_tasks=2, hidden_sizes=(5,), variational=True, rho_init=-1.0,
+                     residual_bias=False, rollout_weights="episode", estimator="flipout", eval_sample_weights=0)
+    obs = torch.randn(2, 3, 3)  # T=2 tasks, k=3 envs
+    task_ids = torch.arange(2)[:, None].expand(-1, 3)
+    with torch.inference_mode():
+        agent.get_action_and_value(obs, task_ids)
+        eps_before = agent.actor.layers[0].fixed_eps.clone()
+        ended = torch.tensor([[True, False, False], [False, False, True]])
+        agent.episode_boundaries(ended)
+        eps_after = agent.actor.layers[0].fixed_eps
+    changed = (eps_before != eps_after).flatten(1).any(1)
+    assert changed.tolist() == [True, False, False, False, False, True]
+    # a fixed per-env sample equals the explicit weight theta + mu + sigma * eps of that env
+    layer = agent.actor.layers[0]
+    with torch.no_grad():
+        y = layer(obs, "fixed")
+        w = layer.theta + layer.mu[1] + layer.sigma()[1] * layer.fixed_eps[4]
+        assert torch.allclose(y[1, 1], obs[1, 1] @ w + layer.bias, atol=1e-6)
+
+
+def test_parameter_counts_match_hand_count():
+    agent = tiny_agent()  # obs 3, hidden 5, 2 actions (discrete), T = 2
+    theta = (3 * 5 + 5 * 1) + (3 * 5 + 5 * 2)  # critic + actor weights
+    bias = (5 + 1) + (5 + 2)
+    from shared.params import count_parameters
+
+    counts = count_parameters(agent)
+    assert counts["total"] == theta + bias + 2 * 2 * theta  # mu and rho per task
+    assert counts["active"] == theta + bias
+    assert counts["trained_per_task"] == theta + bias + 2 * theta
+
+
+def test_l2_refuses_flags_that_need_weight_noise():
+    from shared.cli import UsageError
+
+    args = types.SimpleNamespace(residual="l2", estimator="reparam", rollout_weights="mean", eval_sample_weights=0,
+                                 l2_lambda=None, sigma_prior=0.1, beta=1.0, hidden_sizes=(4,), rho_init=-5.0,
+                                 residual_bias=False)
+    suite = types.SimpleNamespace(num_tasks=2)
+    with pytest.raises(UsageError, match="estimator"):
+        vs.make_agent(args, suite, 3, 2, True)
+    args = types.SimpleNamespace(**{**vars(args), "residual": "variational", "estimator": "flipout", "l2_lambda": 1.0})
+    with pytest.raises(UsageError, match="l2-lambda"):
+        vs.make_agent(args, suite, 3, 2, True)
