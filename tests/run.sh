@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv when missing, then runs the whole pytest suite.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash setup.sh
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=offline
+exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
