@@ -221,9 +221,11 @@ class Agent(nn.Module):
         # first layers (other tasks' columns multiply zeros), its log-std row and embedding row.
         total = sum(p.numel() for p in self.parameters())
         t = self.num_tasks
-        unused = (t - 1) * (self.critic[0].out_features + self.actor[0].out_features)
-        unused += 0 if self.actor_logstd is None else (t - 1) * self.actor_logstd.shape[1]
-        unused += 0 if self.task_embedding is None else (t - 1) * t
+        unused = 0 if self.actor_logstd is None else (t - 1) * self.actor_logstd.shape[1]
+        if self.task_embedding is None:
+            unused += (t - 1) * (self.critic[0].out_features + self.actor[0].out_features)
+        else:  # a dense learned embedding reaches every task column of the first layers
+            unused += (t - 1) * t
         return total - unused
 
     def active_parameter_count(self) -> int:

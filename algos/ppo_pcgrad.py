@@ -100,6 +100,9 @@ class PPOArgs:
     """sets torch.backends.cudnn.deterministic"""
     cuda: bool = True
     """use CUDA when it is available"""
+    torch_threads: int = 1
+    """CPU threads for torch: with envs stepping in the same process and small networks, more threads
+    mostly spin (and slow down badly on a loaded machine); raise it for wide networks on idle cores"""
     track: bool = False
     """log to Weights & Biases as well (works with WANDB_MODE=offline)"""
     wandb_project_name: str = "mtrl-varshare"
@@ -262,9 +265,11 @@ class Agent(nn.Module):
         # first layers (other tasks' columns multiply zeros), its log-std row and embedding row.
         total = sum(p.numel() for p in self.parameters())
         t = self.num_tasks
-        unused = (t - 1) * (self.critic[0].out_features + self.actor[0].out_features)
-        unused += 0 if self.actor_logstd is None else (t - 1) * self.actor_logstd.shape[1]
-        unused += 0 if self.task_embedding is None else (t - 1) * t
+        unused = 0 if self.actor_logstd is None else (t - 1) * self.actor_logstd.shape[1]
+        if self.task_embedding is None:
+            unused += (t - 1) * (self.critic[0].out_features + self.actor[0].out_features)
+        else:  # a dense learned embedding reaches every task column of the first layers
+            unused += (t - 1) * t
         return total - unused
 
     def active_parameter_count(self) -> int:
@@ -338,7 +343,7 @@ def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor
     num_tasks = task_losses.shape[0]
     params = list(agent.parameters())
     grads_by_task = [torch.autograd.grad(task_losses[t], params, retain_graph=t < num_tasks - 1)
-                for t in range(num_tasks)]
+                     for t in range(num_tasks)]
     task_grads = {p: torch.stack(g) for p, g in zip(params, zip(*grads_by_task))}  # p -> [T, *p.shape]
     optimizer.zero_grad(set_to_none=True)
     # Plain gradient of the mean loss everywhere; this is final for the task-only entries (log-std and
@@ -433,6 +438,7 @@ def main(args) -> dict:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     envs, column_tasks = make_vector_env(suite, k, args.seed, args.async_envs)

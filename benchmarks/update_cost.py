@@ -45,6 +45,7 @@ def setup(module, env_id: str, shape: dict):
     suite = make_suite(env_id)
     args = module.Args(env_id=env_id)
     module.apply_suite_defaults(args, suite)
+    suite = module.select_run_tasks(args, suite)  # as the core does: some scripts derive sizes here
     torch.manual_seed(0)
     agent = module.make_agent(args, suite, shape["obs_dim"], shape["act_dim"], shape["discrete"])
     optimizer = module.make_optimizer(args, agent)
