@@ -111,6 +111,9 @@ class PPOArgs:
     """sets torch.backends.cudnn.deterministic"""
     cuda: bool = True
     """use CUDA when it is available"""
+    torch_threads: int = 1
+    """CPU threads for torch: with envs stepping in the same process and small networks, more threads
+    mostly spin (and slow down badly on a loaded machine); raise it for wide networks on idle cores"""
     track: bool = False
     """log to Weights & Biases as well (works with WANDB_MODE=offline)"""
     wandb_project_name: str = "mtrl-varshare"
@@ -479,6 +482,7 @@ def main(args) -> dict:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     envs, column_tasks = make_vector_env(suite, k, args.seed, args.async_envs)

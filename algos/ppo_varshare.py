@@ -219,6 +219,11 @@ def softplus_inverse(x: float) -> float:
     return float(np.log(np.expm1(x)))
 
 
+def random_signs(shape, like: torch.Tensor) -> torch.Tensor:
+    """Independent +-1 entries (Flipout's sign vectors)."""
+    return torch.randint(0, 2, shape, device=like.device, dtype=like.dtype).mul_(2).sub_(1)
+
+
 class VarShareLinear(nn.Module):
     """y = x (theta + phi_t) + b for every task t at once on task-major input x [T, n, d_in].
 
@@ -277,8 +282,8 @@ class VarShareLinear(nn.Module):
         if mode == "flipout":
             mean = torch.baddbmm(self.noisy_bias(x.shape[0]), x, self.mean_weight())  # [T, n, d_out]
             delta = self.sigma() * torch.randn_like(self.mu)  # [T, d_in, d_out], one draw per task
-            s_in = torch.randint(0, 2, x.shape, device=x.device, dtype=x.dtype).mul_(2).sub_(1)  # [T, n, d_in]
-            s_out = torch.randint(0, 2, mean.shape, device=x.device, dtype=x.dtype).mul_(2).sub_(1)  # [T, n, d_out]
+            s_in = random_signs(x.shape, x)  # [T, n, d_in]
+            s_out = random_signs(mean.shape, x)  # [T, n, d_out]
             return mean + torch.bmm(x * s_in, delta) * s_out
         if mode == "fixed":  # x: [T, k, d_in] with one weight sample per (task, env) row
             T, k, d_in = x.shape
@@ -487,35 +492,60 @@ def select_run_tasks(args: Args, suite):
 
 
 def regularizer(args: Args, agent: Agent) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scaled term added to the loss, raw per-task value [T]): beta * KL or lambda * ||mu||^2,
-    reduced over tasks by the mean and scaled by --kl-scale."""
+    """(scaled term of the loss, raw per-task value [T]): beta * KL or lambda * ||mu||^2, mean
+    over tasks, scaled by --kl-scale. The update adds its gradient in closed form
+    (add_regularizer_gradient); this autograd version gives the logged values and the tests' reference."""
+    raw = agent.kl_per_task(args.sigma_prior) if args.residual == "variational" else agent.l2_per_task()
+    return regularizer_scale(args, agent) * raw.mean(), raw
+
+
+def regularizer_scale(args: Args, agent: Agent) -> float:
+    """The factor in front of mean_over_tasks(KL_m) (or of ||mu_m||^2 for L2Soft) in the loss."""
     if args.residual == "variational":
-        weight, raw = args.beta, agent.kl_per_task(args.sigma_prior)
+        weight = args.beta
     else:
         weight = args.l2_lambda if args.l2_lambda is not None else args.beta / (2 * args.sigma_prior**2)
-        raw = agent.l2_per_task()
     if args.kl_scale == "per-rollout":
-        scale = 1.0 / (args.num_envs_per_task * args.num_steps)  # N_m: transitions of one task per rollout
-    elif args.kl_scale == "per-param":
-        scale = 1.0 / agent.residual_count()
-    else:
-        scale = 1.0
-    return weight * scale * raw.mean(), raw
+        return weight / (args.num_envs_per_task * args.num_steps)  # N_m: one task's transitions per rollout
+    if args.kl_scale == "per-param":
+        return weight / agent.residual_count()
+    return weight
+
+
+@torch.no_grad()
+def add_regularizer_gradient(args: Args, agent: Agent) -> None:
+    """Add the gradient of ``regularizer`` to mu.grad and rho.grad in closed form.
+
+    Same numbers as autograd through ``regularizer`` (a test checks it) at a fraction of the
+    cost: the KL's value is not needed for the update, and its gradient is elementwise:
+    dKL/dmu = mu / sigma_prior^2, dKL/drho = (sigma / sigma_prior^2 - 1 / sigma) * sigmoid(rho)."""
+    c = regularizer_scale(args, agent) / agent.num_tasks  # the mean over tasks
+    inv_prior_var = 1.0 / args.sigma_prior**2
+    for layer in agent.layers():
+        for mu, rho in layer.residuals():
+            for p in (mu, rho):
+                if p is not None and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if args.residual == "variational":
+                mu.grad.add_(mu, alpha=c * inv_prior_var)
+                sigma = nn.functional.softplus(rho)
+                rho.grad.add_((sigma * inv_prior_var - sigma.reciprocal()).mul_(torch.sigmoid(rho)), alpha=c)
+            else:
+                mu.grad.add_(mu, alpha=2.0 * c)
 
 
 def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor, info: dict) -> dict:
     """Clip the RL gradient, then add the regulariser's gradient (it lives on mu and rho only, so
     it can never shrink theta's RL gradient), then step."""
     ppo_loss = task_losses.mean()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=False)  # keep .grad tensors: the regulariser adds into them
     ppo_loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-    reg_term, raw = regularizer(args, agent)
-    reg_term.backward()
+    add_regularizer_gradient(args, agent)
     optimizer.step()
     agent.clear_weight_cache()
-    return {"losses/grad_norm": grad_norm, "varshare/reg_term": reg_term.detach(),
-            "varshare/reg_to_ppo_ratio": reg_term.detach() / (ppo_loss.detach().abs() + 1e-8)}
+    agent.last_ppo_loss = ppo_loss.detach()  # for the regulariser-to-PPO ratio in the diagnostics
+    return {"losses/grad_norm": grad_norm}
 
 
 @torch.no_grad()
@@ -523,8 +553,12 @@ def method_diagnostics(args: Args, agent: Agent, logger: RunLogger, global_step:
     out = {}
     layers = agent.layers()
     names = [f"critic{i}" for i in range(len(agent.critic.layers))] + [f"actor{i}" for i in range(len(agent.actor.layers))]
+    reg_term, raw = regularizer(args, agent)
+    out["varshare/reg_term"] = reg_term
+    if getattr(agent, "last_ppo_loss", None) is not None:
+        out["varshare/reg_to_ppo_ratio"] = reg_term / (agent.last_ppo_loss.abs() + 1e-8)
     if agent.variational:
-        kl = agent.kl_per_task(args.sigma_prior)
+        kl = raw
     theta_sq = sum(layer.theta.pow(2).sum() for layer in layers)
     mu_sq = sum(layer.mu.pow(2).flatten(1).sum(1) for layer in layers)  # [T]
     flat_mu = torch.cat([layer.mu.flatten(1) for layer in layers], dim=1)  # [T, P]

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "algos" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
+from tests.conftest import describe, load_script, run_script
 
 paco = load_script("ppo_paco")
 
@@ -322,11 +308,9 @@ SMOKE = {
 
 @pytest.mark.parametrize("env_id", list(SMOKE))
 def test_smoke_run_writes_a_summary(env_id, tmp_path):
-    cmd = [sys.executable, str(ROOT / "algos" / "ppo_paco.py"), "--env-id", env_id, *SMOKE[env_id],
-           "--eval-episodes", "1", "--final-eval-episodes", "1", "--runs-dir", str(tmp_path), "--no-cuda"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                            env={**os.environ, "WANDB_MODE": "offline"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    proc = run_script("ppo_paco", ["--env-id", env_id, *SMOKE[env_id], "--eval-episodes", "1",
+                                   "--final-eval-episodes", "1", "--runs-dir", str(tmp_path), "--no-cuda"], timeout=600)
+    assert proc.returncode == 0, describe(proc)
     (run_dir,) = list(tmp_path.iterdir())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["algo"] == "ppo_paco"

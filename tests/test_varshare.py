@@ -276,3 +276,23 @@ def test_l2_refuses_flags_that_need_weight_noise():
     args = types.SimpleNamespace(**{**vars(args), "residual": "variational", "estimator": "flipout", "l2_lambda": 1.0})
     with pytest.raises(UsageError, match="l2-lambda"):
         vs.make_agent(args, suite, 3, 2, True)
+
+
+@pytest.mark.parametrize("residual", ["variational", "l2"])
+@pytest.mark.parametrize("kl_scale", ["per-rollout", "sum", "per-param"])
+def test_closed_form_regularizer_gradient_equals_autograd(residual, kl_scale):
+    agent = tiny_agent(residual == "variational", T=3)
+    with torch.no_grad():
+        for layer in agent.layers():
+            layer.mu.normal_(0, 0.1)
+            if layer.rho is not None:
+                layer.rho.uniform_(-6, 0)
+    args = args_for(residual=residual, kl_scale=kl_scale, beta=0.3, sigma_prior=0.05)
+    params = [p for layer in agent.layers() for pair in layer.residuals() for p in pair if p is not None]
+    reg, _ = vs.regularizer(args, agent)
+    expected = torch.autograd.grad(reg, params)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    vs.add_regularizer_gradient(args, agent)
+    for p, g in zip(params, expected):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
