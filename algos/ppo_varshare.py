@@ -858,7 +858,8 @@ def main(args) -> dict:
                 run_evaluation(eval_envs, args.eval_episodes, global_step, final=False)
                 save_checkpoint(checkpoint_path, agent, optimizer, obs_normalizer, reward_scaler, global_step,
                                 {"algo": ALGO, "args": dataclasses.asdict(args), "task_names": suite.task_names})
-    finally:
+    finally:  # also on a crash: the logs so far reach disk, the last good checkpoint stays
+        logger.writer.flush()
         envs.close()
         eval_envs.close()
 
