@@ -69,11 +69,12 @@ def main() -> None:
             baseline = random_sps(env_id, iterations)
             perf = training_perf(script, env_id, iterations)
             rows.append((env_id, script, baseline, perf["rollout_sps"], perf["rollout_sps"] / baseline,
-                         perf["update_share"], perf["inference_time"] / perf["rollout_time"]))
-    print("| suite | script | random-action env steps/s | rollout env steps/s | ratio | update share of iteration | policy share of rollout |")
-    print("|---|---|---|---|---|---|---|")
-    for env_id, script, base, roll, ratio, share, pol in rows:
-        print(f"| {env_id} | {script} | {base:.0f} | {roll:.0f} | {ratio:.3f} | {share:.3f} | {pol:.3f} |")
+                         perf["update_share"], perf["inference_time"] / perf["rollout_time"],
+                         perf["env_time"] / perf["rollout_time"]))
+    print("| suite | script | random-action env steps/s | rollout env steps/s | ratio | update share of iteration | policy share of rollout | env.step share of rollout |")
+    print("|---|---|---|---|---|---|---|---|")
+    for env_id, script, base, roll, ratio, share, pol, env in rows:
+        print(f"| {env_id} | {script} | {base:.0f} | {roll:.0f} | {ratio:.3f} | {share:.3f} | {pol:.3f} | {env:.3f} |")
 
 
 if __name__ == "__main__":

@@ -41,9 +41,9 @@ def load(name: str):
     return module
 
 
-def setup(module, env_id: str, shape: dict):
+def setup(module, env_id: str, shape: dict, overrides: dict):
     suite = make_suite(env_id)
-    args = module.Args(env_id=env_id)
+    args = module.Args(env_id=env_id, **overrides)
     module.apply_suite_defaults(args, suite)
     suite = module.select_run_tasks(args, suite)  # as the core does: some scripts derive sizes here
     torch.manual_seed(0)
@@ -70,15 +70,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--scripts", nargs="*", help="default: every multi-task script in algos/")
+    parser.add_argument("--scripts", nargs="*", help="default: every multi-task script in algos/ and VarShare "
+                        "with --estimator reparam; a variant is written name:field=value")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
     scripts = opts.scripts or sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "algos", "ppo_*.py")))
     scripts = ["ppo_mtl_embed"] + [s for s in scripts if s not in ("ppo_single", "ppo_mtl_embed")]
+    if not opts.scripts:
+        scripts.append("ppo_varshare:estimator=reparam")
     for env_id, shape in SHAPES.items():
         steps, timings = {}, {}
-        for script in scripts:
-            steps[script] = setup(load(script), env_id, shape)
+        for script in scripts:  # "name" or "name:field=value,field=value" (an Args variant)
+            name, _, spec = script.partition(":")
+            overrides = dict(item.split("=", 1) for item in spec.split(",")) if spec else {}
+            steps[script] = setup(load(name), env_id, shape, overrides)
             for i in range(3):  # warm-up
                 steps[script][0](i + 1)
             timings[script] = []
