@@ -468,7 +468,8 @@ def make_agent(args: Args, suite, obs_dim: int, act_dim: int, discrete: bool) ->
     variational = args.residual == "variational"
     if not variational:
         ignored = {"estimator": args.estimator != "flipout", "rollout_weights": args.rollout_weights != "mean",
-                   "eval_sample_weights": args.eval_sample_weights != 0}
+                   "eval_sample_weights": args.eval_sample_weights != 0,
+                   "rho_init": args.rho_init != Args.rho_init}
         for flag, given in ignored.items():
             if given:
                 raise UsageError(f"--{flag.replace('_', '-')} needs weight noise and does nothing with "
