@@ -425,7 +425,11 @@ def main(args) -> dict:
     check_positive(num_envs_per_task=args.num_envs_per_task, num_steps=args.num_steps,
                    num_minibatches=args.num_minibatches, update_epochs=args.update_epochs,
                    eval_every=args.eval_every, eval_episodes=args.eval_episodes,
-                   final_eval_episodes=args.final_eval_episodes, learning_rate=args.learning_rate)
+                   final_eval_episodes=args.final_eval_episodes, learning_rate=args.learning_rate,
+                   max_grad_norm=args.max_grad_norm, clip_coef=args.clip_coef, gamma=args.gamma,
+                   gae_lambda=args.gae_lambda)
+    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
+        raise UsageError("--hidden-sizes needs one or more positive widths, e.g. --hidden-sizes 64 64")
     T, k, S = suite.num_tasks, args.num_envs_per_task, args.num_steps
     batch_size = T * k * S
     num_iterations = check_budget(args.total_timesteps, batch_size)

@@ -287,8 +287,9 @@ class VarShareLinear(nn.Module):
             return mean + torch.bmm(x * s_in, delta) * s_out
         if mode == "fixed":  # x: [T, k, d_in] with one weight sample per (task, env) row
             T, k, d_in = x.shape
-            weight = (self.theta + self.mu).repeat_interleave(k, dim=0) + \
-                self.sigma().repeat_interleave(k, dim=0) * self.fixed_eps  # [T * k, d_in, d_out]
+            sigma = self.sigma() if self.prune_mask is None else self.sigma() * self.prune_mask
+            weight = (self.theta + self.residual_mean()).repeat_interleave(k, dim=0) + \
+                sigma.repeat_interleave(k, dim=0) * self.fixed_eps  # [T * k, d_in, d_out]
             bias = self.bias_mean()
             if self.mu_bias is not None:
                 bias = bias.repeat_interleave(k, dim=0)
@@ -383,15 +384,15 @@ class Agent(nn.Module):
         return "fixed" if self.eval_sample_weights > 0 else "mean"
 
     def train(self, mode: bool = True):
+        if not mode and self.training and self.rollout_weights == "episode":
+            for layer in self.layers():  # keep the rollout's per-env samples through evaluation
+                layer.rollout_eps = layer.fixed_eps
         if not mode and self.variational and self.eval_sample_weights > 0:
             for layer in self.layers():  # one weight sample per task for this evaluation pass
                 layer.draw_fixed_eps(self.num_tasks)
-        elif mode and self.rollout_weights == "episode":
-            for layer in self.layers():  # evaluation may have replaced the rollout samples
-                layer.fixed_eps = layer.rollout_eps if hasattr(layer, "rollout_eps") else None
-        if not mode and self.rollout_weights == "episode":
-            for layer in self.layers():
-                layer.rollout_eps = layer.fixed_eps
+        elif mode and not self.training and self.rollout_weights == "episode":
+            for layer in self.layers():  # back to the rollout's samples, mid-episode
+                layer.fixed_eps = getattr(layer, "rollout_eps", None)
         return super().train(mode)
 
     def ensure_rollout_samples(self, obs: torch.Tensor) -> None:
@@ -653,7 +654,11 @@ def main(args) -> dict:
     check_positive(num_envs_per_task=args.num_envs_per_task, num_steps=args.num_steps,
                    num_minibatches=args.num_minibatches, update_epochs=args.update_epochs,
                    eval_every=args.eval_every, eval_episodes=args.eval_episodes,
-                   final_eval_episodes=args.final_eval_episodes, learning_rate=args.learning_rate)
+                   final_eval_episodes=args.final_eval_episodes, learning_rate=args.learning_rate,
+                   max_grad_norm=args.max_grad_norm, clip_coef=args.clip_coef, gamma=args.gamma,
+                   gae_lambda=args.gae_lambda)
+    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
+        raise UsageError("--hidden-sizes needs one or more positive widths, e.g. --hidden-sizes 64 64")
     T, k, S = suite.num_tasks, args.num_envs_per_task, args.num_steps
     batch_size = T * k * S
     num_iterations = check_budget(args.total_timesteps, batch_size)

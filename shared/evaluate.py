@@ -73,9 +73,11 @@ def evaluate(
             if len(returns[i]) < quota:
                 returns[i].append(float(episode_returns[i]))
                 if success_return is None:
-                    successes[i].append(bool(running_success[i]))
+                    successes[i].append(float(running_success[i]))
+                elif np.isnan(success_return):  # the env defines no success
+                    successes[i].append(np.nan)
                 else:
-                    successes[i].append(bool(episode_returns[i] >= success_return))
+                    successes[i].append(float(episode_returns[i] >= success_return))
         running_success[ended] = False
     task_return = np.zeros(num_tasks)
     task_success = np.zeros(num_tasks)

@@ -181,7 +181,9 @@ def make_suite(env_id: str) -> Suite:
         return Suite(env_id, (env_id,), "metaworld", ({},), None, "metaworld-single")
     if env_id in gym.registry:
         defaults = env_id if env_id in SUITE_DEFAULTS else "CartPole-v1"
-        return Suite(env_id, (env_id,), "gym", (dict(base=env_id),), SINGLE_GYM_THRESHOLDS.get(env_id), defaults)
+        # No documented "solved" return: success is reported as NaN rather than a misleading 0.
+        threshold = SINGLE_GYM_THRESHOLDS.get(env_id, float("nan"))
+        return Suite(env_id, (env_id,), "gym", (dict(base=env_id),), threshold, defaults)
     raise UsageError(f"unknown --env-id '{env_id}'; use one of: {known_env_ids()}")
 
 

@@ -296,3 +296,27 @@ def test_closed_form_regularizer_gradient_equals_autograd(residual, kl_scale):
     vs.add_regularizer_gradient(args, agent)
     for p, g in zip(params, expected):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
+
+
+def test_evaluation_keeps_the_rollouts_per_episode_samples_and_prunes_sampled_weights():
+    torch.manual_seed(0)
+    agent = vs.Agent(3, 2, True, num_tasks=2, hidden_sizes=(5,), variational=True, rho_init=-1.0,
+                     residual_bias=False, rollout_weights="episode", estimator="flipout", eval_sample_weights=2)
+    obs = torch.randn(2, 3, 3)
+    task_ids = torch.arange(2)[:, None].expand(-1, 3)
+    with torch.inference_mode():
+        agent.get_action_and_value(obs, task_ids)
+    rollout_eps = agent.actor.layers[0].fixed_eps.clone()
+    agent.eval()  # draws the evaluation sample: one per task
+    assert agent.actor.layers[0].fixed_eps.shape[0] == 2
+    agent.train()
+    assert torch.equal(agent.actor.layers[0].fixed_eps, rollout_eps)  # mid-episode samples survive
+    # a sampled-weight evaluation of the pruned model uses the pruned residual
+    agent.eval()
+    layer = agent.actor.layers[0]
+    with torch.no_grad():
+        layer.mu.normal_(0, 0.1)
+        with agent.pruned(1e9):  # everything pruned: residual mean and noise are zero
+            y = layer(obs[:, :1], "fixed")
+            assert torch.allclose(y, obs[:, :1] @ layer.theta + layer.bias, atol=1e-6)
+    agent.train()
