@@ -197,6 +197,10 @@ def select_tasks(suite: Suite, tasks: list[str] | None, holdout_task: str | None
     for name in (tasks or []) + ([holdout_task] if holdout_task else []):
         if name not in suite.task_names:
             raise UsageError(f"unknown task '{name}' in suite '{suite.env_id}'; valid tasks: {valid}")
+    if tasks is not None and len(set(tasks)) != len(tasks):
+        raise UsageError(f"--tasks names a task twice ({' '.join(tasks)}); list each task once")
+    if tasks is not None and holdout_task is not None and holdout_task not in tasks:
+        raise UsageError(f"--holdout-task '{holdout_task}' is not among --tasks, so it would hold nothing out")
     names = list(tasks) if tasks is not None else list(suite.task_names)
     if holdout_task is not None:
         names = [n for n in names if n != holdout_task]
