@@ -11,7 +11,6 @@ machine's load; the ratio is what to compare.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import tempfile
@@ -22,15 +21,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from shared.scripts import load_script  # noqa: E402
 from shared.suites import SUITE_DEFAULTS, env_seed, make_suite, make_vector_env  # noqa: E402
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "algos", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name, prefix="bench")
 
 
 def random_sps(env_id: str, iterations: int) -> float:

@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
 import os
 import sys
-import tempfile
 import time
-import types
 
 import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from shared.scripts import load_script  # noqa: E402
 from shared.suites import SUITE_DEFAULTS, make_suite  # noqa: E402
 
 SHAPES = {"cartpole-mt": dict(obs_dim=4, act_dim=2, discrete=True),
@@ -34,11 +32,7 @@ SHAPES = {"cartpole-mt": dict(obs_dim=4, act_dim=2, discrete=True),
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "algos", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name, prefix="bench")
 
 
 def setup(module, env_id: str, shape: dict, overrides: dict):

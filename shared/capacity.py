@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
 import os
-import sys
 
 import torch
 
+from shared.scripts import load_script
 from shared.params import count_parameters, solve_width
 from shared.suites import apply_suite_defaults, make_suite
 
@@ -24,14 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Observation size, action size, discrete: what the suite's envs report (fixed by the envs).
 SUITE_SPACES = {"cartpole-mt": (4, 2, True), "cartpole-conflict": (4, 2, True), "cartpole-identical": (4, 2, True),
                 "lunarlander-mt": (8, 4, True), "mt3": (39, 4, False), "mt10": (39, 4, False)}
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"capacity_{name}", os.path.join(ROOT, "algos", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def build_agent(module, env_id: str, **overrides):

@@ -7,7 +7,6 @@ times slower). The subprocess runs get the same limit through OMP_NUM_THREADS.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -25,20 +24,17 @@ PYTHON = str(VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable))
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from shared.scripts import load_script as shared_load_script  # noqa: E402
+
 torch.set_num_threads(1)
 
 _loaded: dict[str, object] = {}
 
 
 def load_script(name: str):
-    """Import algos/<name>.py as a module (registered in sys.modules, as dataclasses require)."""
+    """Import algos/<name>.py as a module, once per test session."""
     if name not in _loaded:
-        module_name = f"algos_{name}"
-        spec = importlib.util.spec_from_file_location(module_name, ALGOS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-        _loaded[name] = module
+        _loaded[name] = shared_load_script(name)
     return _loaded[name]
 
 
