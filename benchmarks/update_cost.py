@@ -57,7 +57,7 @@ def setup(module, env_id: str, shape: dict, overrides: dict):
         task_losses, _ = module.ppo_task_losses(args, agent, mb)
         module.method_update(args, agent, optimizer, task_losses, {"epoch": 0, "start": i, "iteration": 1})
 
-    return step, per_iteration, n
+    return step, per_iteration, n, agent, optimizer
 
 
 def main() -> None:

@@ -90,6 +90,43 @@ def test_reparam_uses_one_weight_sample_per_task():
     assert torch.allclose(y, ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("T, n, d_in, d_out, shared_bias, input_grad",
+                         [(3, 5, 4, 6, True, True), (1, 7, 3, 2, False, True), (4, 1, 6, 3, True, False)])
+def test_hand_written_backward_equals_autograd(T, n, d_in, d_out, shared_bias, input_grad):
+    """FlipoutMatmul and ReparamMatmul give autograd's numbers through their defining expression."""
+    torch.manual_seed(T)
+    theta = torch.randn(d_in, d_out, requires_grad=True)
+    mu = torch.randn(T, d_in, d_out, requires_grad=True)
+    rho = torch.randn(T, d_in, d_out).sub_(2).requires_grad_()
+    bias = torch.randn(d_out if shared_bias else (T, 1, d_out), requires_grad=True)
+    x = torch.randn(T, n, d_in, requires_grad=input_grad)
+    eps = torch.randn(T, d_in, d_out)
+    s_in, s_out = vs.random_signs((T, n, d_in), x), vs.random_signs((T, n, d_out), x)
+    sigma, slope = torch.nn.functional.softplus(rho).detach(), torch.sigmoid(rho).detach()
+    grad_y = torch.randn(T, n, d_out)
+    inputs = [x, theta, mu, rho, bias] if input_grad else [theta, mu, rho, bias]
+    sig = torch.nn.functional.softplus(rho)
+    cases = [(vs.FlipoutMatmul.apply(x, theta, mu, rho, bias, sigma, slope, eps, s_in, s_out),
+              x @ (theta + mu) + bias + ((x * s_in) @ (sig * eps)) * s_out),
+             (vs.ReparamMatmul.apply(x, theta, mu, rho, bias, sigma, slope, eps),
+              x @ (theta + mu + sig * eps) + bias)]
+    for fused, reference in cases:
+        assert torch.allclose(fused, reference, atol=1e-5)
+        got = torch.autograd.grad((fused * grad_y).sum(), inputs)
+        want = torch.autograd.grad((reference * grad_y).sum(), inputs, retain_graph=True)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_random_signs_are_balanced_and_independent():
+    s = vs.random_signs((2000, 301), torch.zeros(1))
+    assert s.shape == (2000, 301) and set(s.unique().tolist()) == {-1.0, 1.0}
+    assert abs(float(s.mean())) < 0.005  # 602,000 fair signs: standard error 0.0013
+    assert abs(float((s[:, 1:] * s[:, :-1]).mean())) < 0.005  # neighbours within a row
+    assert abs(float((s[1:] * s[:-1]).mean())) < 0.005  # the same column in neighbouring rows
+
+
 def replicated(layer, copies):
     """The same layer with every task repeated ``copies`` times: one call = ``copies`` independent draws."""
     T, d_in, d_out = layer.mu.shape

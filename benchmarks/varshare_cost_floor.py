@@ -1,0 +1,104 @@
+"""How far VarShare's update cost is from the least its estimator needs, from one run.
+
+    .venv/bin/python benchmarks/varshare_cost_floor.py [--reps 15]
+
+At each shape of benchmarks/update_cost.py this times, in interleaved rounds:
+- ppo_mtl_embed's whole minibatch update (the reference, 1.00);
+- VarShare's whole minibatch update, with Flipout and with --estimator reparam;
+- three parts that no implementation of the estimator can skip, each run on its own with
+  VarShare's shapes: the batched matmuls of forward and backward (Flipout: six per layer, five
+  for the input layer, whose input needs no gradient; reparam: three and two), one standard
+  normal draw per residual entry, and the fused Adam step over theta, mu and rho.
+The sum of the three parts is a floor on this machine: an update cannot cost less than its
+matmuls, its noise and its optimiser step. Everything above the floor is elementwise work
+(softplus, sigmoid, sign vectors, theta + mu, gradient clipping) and per-op overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from update_cost import SHAPES, load, setup  # noqa: E402
+
+
+def matmul_work(agent, n: int, estimator: str):
+    """The forward and backward matmuls of every VarShare layer, on random data of the real shapes."""
+    copies = 2 if estimator == "flipout" else 1  # Flipout: a mean path and a noise path
+    items = []
+    for layer in agent.layers():
+        T, d_in, d_out = layer.mu.shape
+        first = layer in (agent.critic.layers[0], agent.actor.layers[0])
+        items.append((torch.randn(T, n, d_in), torch.randn(T, n, d_out), torch.randn(T, d_in, d_out), first))
+
+    def run() -> None:
+        for x, grad_y, weight, first in items:
+            for _ in range(copies):
+                torch.bmm(x, weight)
+                torch.bmm(x.transpose(1, 2), grad_y)
+                if not first:
+                    torch.bmm(grad_y, weight.transpose(1, 2))
+    return run
+
+
+def noise_draws(agent):
+    def run() -> None:
+        for layer in agent.layers():
+            torch.randn_like(layer.mu)
+    return run
+
+
+def adam_step(agent, optimizer):
+    for p in agent.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    return optimizer.step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=15)
+    opts = parser.parse_args()
+    torch.set_num_threads(1)
+    mtl, varshare = load("ppo_mtl_embed"), load("ppo_varshare")
+    for env_id, shape in SHAPES.items():
+        reference = setup(mtl, env_id, shape, {})
+        flipout = setup(varshare, env_id, shape, {})
+        reparam = setup(varshare, env_id, shape, {"estimator": "reparam"})
+        n = flipout[2]
+        work = {"ppo_mtl_embed update": lambda i: reference[0](i),
+                "VarShare update, Flipout": lambda i: flipout[0](i),
+                "VarShare update, reparam": lambda i: reparam[0](i)}
+        parts = {"matmuls, Flipout": matmul_work(flipout[3], n, "flipout"),
+                 "matmuls, reparam": matmul_work(flipout[3], n, "reparam"),
+                 "normal draws": noise_draws(flipout[3]),
+                 "fused Adam step": adam_step(*setup(varshare, env_id, shape, {})[3:])}
+        work.update({name: (lambda i, f=f: f()) for name, f in parts.items()})
+        timings = {name: [] for name in work}
+        for i in range(3):
+            for f in work.values():
+                f(i + 1)
+        for rep in range(opts.reps):
+            for name, f in work.items():
+                tic = time.perf_counter()
+                f(rep + 1)
+                timings[name].append(time.perf_counter() - tic)
+        med = {name: float(np.median(t)) for name, t in timings.items()}
+        base = med["ppo_mtl_embed update"]
+        print(f"\n{env_id}: {n} transitions per task per minibatch, {opts.reps} interleaved rounds, one thread")
+        print("| work | median ms | ratio to ppo_mtl_embed's update |")
+        print("|---|---|---|")
+        for name, t in med.items():
+            print(f"| {name} | {t * 1e3:.2f} | {t / base:.2f} |")
+        for estimator in ("Flipout", "reparam"):
+            floor = med[f"matmuls, {estimator}"] + med["normal draws"] + med["fused Adam step"]
+            print(f"| floor, {estimator} (matmuls + normal draws + Adam) | {floor * 1e3:.2f} | {floor / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
