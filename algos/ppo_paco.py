@@ -225,11 +225,11 @@ class Args(PPOArgs):
     num_copies: int = 5
     """K: parameter copies per layer that each task's vector w_t composes"""
     maskout: bool = True
-    """mask out (and reset the w of) a task whose loss explodes; --no-maskout turns it off"""
+    """mask out (and reset the w of) a task whose loss explodes; --no-maskout turns it off (paco/max_relative_loss is still logged)"""
     maskout_ratio: float = 50.0
     """a task fires when its loss exceeds this times max(median task |loss|, --maskout-floor)"""
     maskout_floor: float = 0.1
-    """lower bound on the median |loss| used as the scale of a typical task"""
+    """lower bound on the median |loss| used as the scale of a typical task (also the scale of paco/max_relative_loss)"""
 
 
 OBS_NORM_PER_TASK = False  # one observation normaliser shared by all tasks
@@ -243,6 +243,8 @@ def check_paco_args(args: Args) -> None:
                          f"got {args.maskout_ratio}; use --no-maskout to turn the mechanism off")
     if not args.maskout_floor >= 0.0:
         raise UsageError(f"--maskout-floor must be 0 or positive, got {args.maskout_floor}")
+    if not args.maskout and args.maskout_ratio != Args.maskout_ratio:
+        raise UsageError("--maskout-ratio does nothing with --no-maskout (no task is ever masked); drop one of them")
 
 
 class CompositionalLinear(nn.Module):

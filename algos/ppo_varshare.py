@@ -563,6 +563,11 @@ def make_agent(args: Args, suite, obs_dim: int, act_dim: int, discrete: bool) ->
                                  f"--residual l2; drop it or use --residual variational")
     elif args.l2_lambda is not None:
         raise UsageError("--l2-lambda applies to --residual l2 only; VarShare is weighted by --beta")
+    if not variational and args.l2_lambda is not None:
+        for flag in ("beta", "sigma_prior"):
+            if getattr(args, flag) != getattr(Args, flag):
+                raise UsageError(f"--{flag.replace('_', '-')} does nothing when --l2-lambda is given (L2Soft's "
+                                 f"default lambda is beta / (2 sigma_prior^2)); drop one of them")
     if args.sigma_prior <= 0:
         raise UsageError(f"--sigma-prior must be positive, got {args.sigma_prior}")
     if args.beta < 0 or args.eval_sample_weights < 0:

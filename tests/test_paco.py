@@ -275,7 +275,8 @@ def test_parameter_counts_match_a_count_by_hand():
     assert count_parameters(discrete) == {"total": 100, "active": 49, "trained_per_task": 96}
 
 
-@pytest.mark.parametrize("flags", [dict(num_copies=0), dict(maskout_ratio=1.0), dict(maskout_floor=-1.0)])
+@pytest.mark.parametrize("flags", [dict(num_copies=0), dict(maskout_ratio=1.0), dict(maskout_floor=-1.0),
+                                   dict(maskout=False, maskout_ratio=20.0)])
 def test_bad_paco_flags_raise_a_usage_error(flags):
     from shared.cli import UsageError
 

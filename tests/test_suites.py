@@ -196,3 +196,17 @@ def test_same_seed_same_first_rollout_metaworld():
     assert not np.array_equal(a[0, 0], a[0, 1]), "the two envs of a task should get different goals"
     b = first_rollout("reach-v3", 1, 2, actions[:, :1])
     assert not np.array_equal(a[0, 0], b[0, 0]), "a different seed should give different goals"
+
+
+def test_metaworld_evaluation_visits_each_of_the_50_goals_once_per_50_episodes():
+    """The final evaluation runs 50 episodes per task: each of the task's 50 goals exactly once,
+    and they are the same 50 goals that training draws from."""
+    suite = make_suite("reach-v3")
+    evaluation = make_task_env_fn(suite, 0, 7, 0, evaluation=True)()
+    goals = [tuple(np.round(evaluation.reset()[0][-3:], 6)) for _ in range(100)]
+    assert len(set(goals[:50])) == 50, "50 evaluation episodes should visit 50 different goals"
+    assert set(goals[50:]) == set(goals[:50]), "the next 50 episodes should cycle through the same goals"
+    training = make_task_env_fn(suite, 0, 7, 0, evaluation=False)()
+    train_goals = {tuple(np.round(training.reset()[0][-3:], 6)) for _ in range(60)}
+    assert train_goals <= set(goals[:50]), "training should draw from the evaluation's 50 goals"
+    assert len(train_goals) > 10

@@ -313,6 +313,13 @@ def test_l2_refuses_flags_that_need_weight_noise():
     args = types.SimpleNamespace(**{**vars(args), "residual": "variational", "estimator": "flipout", "l2_lambda": 1.0})
     with pytest.raises(UsageError, match="l2-lambda"):
         vs.make_agent(args, suite, 3, 2, True)
+    # L2Soft with an explicit --l2-lambda: --beta and --sigma-prior would be silently unused
+    args = types.SimpleNamespace(**{**vars(args), "residual": "l2", "l2_lambda": 1.0, "rho_init": vs.Args.rho_init,
+                                    "sigma_prior": vs.Args.sigma_prior, "beta": 2.0})
+    with pytest.raises(UsageError, match="--beta does nothing"):
+        vs.make_agent(args, suite, 3, 2, True)
+    args.beta = vs.Args.beta
+    assert vs.make_agent(args, suite, 3, 2, True).variational is False
 
 
 @pytest.mark.parametrize("residual", ["variational", "l2"])
