@@ -229,7 +229,13 @@ class Agent(nn.Module):
         return total - unused
 
     def active_parameter_count(self) -> int:
-        return self.trained_parameter_count()
+        # At inference the task input is a constant: the first layers' task columns times the
+        # one-hot (or the task's embedding row) fold into their biases, as VarShare's theta + mu_m
+        # folds into one matrix.
+        task_columns = self.critic[0].out_features + self.actor[0].out_features
+        if self.task_embedding is None:
+            return self.trained_parameter_count() - task_columns
+        return self.trained_parameter_count() - self.num_tasks * task_columns - self.num_tasks
 
 
 def make_agent(args: Args, suite, obs_dim: int, act_dim: int, discrete: bool) -> Agent:

@@ -326,9 +326,11 @@ class Agent(nn.Module):
         return self.num_copies + (0 if self.actor_logstd is None else self.actor_logstd.shape[1])
 
     def active_parameter_count(self) -> int:
-        # At inference sum_k w_tk V_k folds into one plain network: one copy's worth per layer.
+        # At inference sum_k w_tk V_k folds into one plain network: one copy's worth per layer,
+        # plus the task's log-std row (its w row is folded away).
         layers = [*self.actor.layers, *self.critic.layers]
-        return sum(layer.weight[0].numel() + layer.bias[0].numel() for layer in layers) + self.own_row_count()
+        return sum(layer.weight[0].numel() + layer.bias[0].numel() for layer in layers) + \
+            self.own_row_count() - self.num_copies
 
     def trained_parameter_count(self) -> int:
         # One task's data reaches every copy (scaled by w_tk) but only its own w and log-std rows.

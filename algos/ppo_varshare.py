@@ -43,7 +43,11 @@ Decisions (each a flag; default first):
   tasks the mean pairwise cosine of the flattened mu; per update the scaled term and its ratio
   to the PPO loss.
 - Performance: all tasks run as one batched matmul over the task axis; theta + mu is cached
-  between parameter changes, so acting costs what the shared baseline's forward costs.
+  between parameter changes, so acting costs what the shared baseline's forward costs. In the
+  loss, the Flipout and reparam layers are autograd Functions with a hand-written backward
+  (tested against autograd), softplus(rho) and sigmoid(rho) are computed once per step and
+  shared with the KL gradient, and Flipout's signs come eight to a random byte.
+  benchmarks/varshare_cost_floor.py measures what is left against the estimator's floor.
 """
 
 from __future__ import annotations

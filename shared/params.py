@@ -3,8 +3,9 @@
 Three counts per agent:
 - ``total``: every stored parameter;
 - ``active``: parameters of the network that computes one task's forward pass at inference, after
-  any per-task composition is folded into plain weights (VarShare: theta + mu_m is one matrix;
-  PaCo: sum_k w_tk V_k is one matrix);
+  everything fixed by the task is folded into plain weights (VarShare: theta + mu_m is one matrix;
+  PaCo: sum_k w_tk V_k is one matrix; shared MTL: the one-hot column or embedding row folds into
+  the first layers' biases);
 - ``trained_per_task``: parameters that receive gradient from one task's data.
 
 Convention: a parameter whose first axis indexes tasks is marked with ``per_task(p)``; only its

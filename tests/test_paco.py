@@ -268,11 +268,11 @@ def test_parameter_counts_match_a_count_by_hand():
     continuous = paco.Agent(3, 2, discrete=False, num_tasks=3, hidden_sizes=(4,), num_copies=2)
     assert count_parameters(continuous) == {
         "total": 2 * 47 + 3 * 2 + 3 * 2,  # K copies + w table [T, K] + log-std [T, A]
-        "active": 47 + 2 + 2,  # one composed network + the task's w row + its log-std row
+        "active": 47 + 2,  # one composed network (the w row folds into it) + the task's log-std row
         "trained_per_task": 2 * 47 + 2 + 2,  # every copy + the task's w row + its log-std row
     }
     discrete = paco.Agent(3, 2, discrete=True, num_tasks=3, hidden_sizes=(4,), num_copies=2)
-    assert count_parameters(discrete) == {"total": 100, "active": 49, "trained_per_task": 96}
+    assert count_parameters(discrete) == {"total": 100, "active": 47, "trained_per_task": 96}
 
 
 @pytest.mark.parametrize("flags", [dict(num_copies=0), dict(maskout_ratio=1.0), dict(maskout_floor=-1.0),

@@ -138,8 +138,9 @@ def test_ppo_single_on_reach(runs):
 def test_ppo_mtl_embed_on_cartpole_mt(runs):
     run_dir = finished_run(runs, "test_ppo_mtl_embed_on_cartpole_mt")
     total = mlp_count([4 + 5, 8, 8, 2]) + mlp_count([4 + 5, 8, 8, 1])  # one-hot of 5 tasks in the input
-    # one task's data reaches only its own one-hot column of the two first layers
-    assert counts_of(run_dir) == {"total": total, "active": total - 4 * 16, "trained_per_task": total - 4 * 16}
+    # one task's data reaches only its own one-hot column of the two first layers; at inference
+    # that column folds into the bias too
+    assert counts_of(run_dir) == {"total": total, "active": total - 5 * 16, "trained_per_task": total - 4 * 16}
     assert total == 331
 
 
@@ -148,7 +149,9 @@ def test_ppo_mtl_embed_on_mt3(runs):
     total = mlp_count([39 + 3, 256, 256, 4]) + mlp_count([39 + 3, 256, 256, 1]) + 3 * 4
     assert total == 154897
     trained = total - 2 * (256 + 256) - 2 * 4
-    assert counts_of(run_dir) == {"total": total, "active": trained, "trained_per_task": trained}
+    active = trained - (256 + 256)  # the task's own one-hot columns fold into the biases
+    assert active == mlp_count([39, 256, 256, 4]) + mlp_count([39, 256, 256, 1]) + 4  # the oracle's network
+    assert counts_of(run_dir) == {"total": total, "active": active, "trained_per_task": trained}
 
 
 def test_tracked_run_works_with_wandb_offline(runs):
