@@ -73,8 +73,10 @@ Decisions and deviations (the paper is on SAC; "[PPO]" marks a change that PPO f
   could in principle own a copy).
 - Evaluation: the deterministic policy of the composed network (mean action / argmax).
 - Parameter counts: total = K copies of actor and critic + the [T, K] table (+ [T, A] log-std);
-  active at inference = one composed network (one copy's size per layer) + the task's w row
-  (+ its log-std row); trained per task = all K copies + the task's w row (+ its log-std row).
+  active at inference = one composed network (one copy's size per layer; the w row folds into
+  it) (+ its log-std row); trained per task = all K copies + the task's w row (+ its log-std row).
+- Acting and evaluation reuse the composed weights of all tasks until a parameter changes
+  (cleared after every update step and load); the loss composes them afresh under autograd.
 - Diagnostics (``paco/``): each task's w_k and sum_k w_tk, resets per task and in total, the
   fraction of task-minibatches masked (fired or skipped) in the iteration, the mean over
   minibatches of max_t L_t / max(median, floor), and how far the copies have moved apart
@@ -255,12 +257,26 @@ class CompositionalLinear(nn.Module):
         shared_init = layer_init(nn.Linear(d_in, d_out), std)  # one init, copied into every slot
         self.weight = nn.Parameter(shared_init.weight.detach().t().expand(num_copies, d_in, d_out).clone())  # [K, d_in, d_out]
         self.bias = nn.Parameter(shared_init.bias.detach().expand(num_copies, d_out).clone())  # [K, d_out]
+        self.composed: tuple | None = None  # (key, weight, bias) for acting; see forward
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x: [T, n, d_in] task-major; w: [T, K], row t the vector of the tasks in row t of x."""
+    def compose(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The einsum "tk,kio->tio" written as one matmul over K (3-5x less overhead on a CPU).
         weight = (w @ self.weight.flatten(1)).view(w.shape[0], *self.weight.shape[1:])  # [T, d_in, d_out]
-        bias = (w @ self.bias).unsqueeze(1)  # [T, 1, d_out]
+        return weight, (w @ self.bias).unsqueeze(1)  # [T, 1, d_out]
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, table_version: int | None = None) -> torch.Tensor:
+        """x: [T, n, d_in] task-major; w: [T, K], row t the vector of the tasks in row t of x.
+
+        ``table_version`` (w is the whole task table, in order, without autograd: acting and
+        evaluation) reuses the composed weights until a parameter changes: Agent.clear_weight_cache()
+        after every optimiser step, and the version counters for in-place edits elsewhere."""
+        if table_version is None or torch.is_grad_enabled():
+            weight, bias = self.compose(w)
+        else:
+            key = (table_version, self.weight._version, self.bias._version)
+            if self.composed is None or self.composed[0] != key:
+                self.composed = (key, *self.compose(w))
+            weight, bias = self.composed[1:]
         return torch.baddbmm(bias, x, weight)  # [T, n, d_out]
 
 
@@ -273,9 +289,9 @@ class CompositionalMLP(nn.Module):
             CompositionalLinear(num_copies, a, b, std=out_std if i == len(sizes) - 2 else np.sqrt(2))
             for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])))
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, w: torch.Tensor, table_version: int | None = None) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
-            x = layer(x, w)
+            x = layer(x, w, table_version)
             if i < len(self.layers) - 1:
                 x = torch.tanh(x)
         return x
@@ -302,20 +318,34 @@ class Agent(nn.Module):
         self.register_buffer("skipped", torch.zeros(num_tasks, dtype=torch.bool), persistent=False)  # [T]
         self.register_buffer("resets", torch.zeros(num_tasks, dtype=torch.long), persistent=False)  # [T], so far
 
-    def task_vectors(self, task_ids: torch.Tensor) -> torch.Tensor:
-        return self.w[task_ids[:, 0]]  # [T, K]: row t of the batch is one task (the core's layout)
+    def task_vectors(self, task_ids: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """(w rows [T, K], row t of the batch being one task (the core's layout); the table's
+        version when those rows are the whole table in order, which lets acting reuse composed weights)."""
+        rows = task_ids[:, 0]
+        whole_table = rows.shape[0] == self.num_tasks and torch.equal(rows, torch.arange(self.num_tasks, device=rows.device))
+        return self.w[rows], (self.w._version if whole_table else None)
+
+    def clear_weight_cache(self) -> None:
+        """Called after every optimiser step (fused Adam leaves version counters alone) and load."""
+        for layer in [*self.actor.layers, *self.critic.layers]:
+            layer.composed = None
+
+    def load_state_dict(self, *args, **kwargs):
+        result = super().load_state_dict(*args, **kwargs)
+        self.clear_weight_cache()
+        return result
 
     def get_value(self, obs: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        return self.critic(obs, self.task_vectors(task_ids)).squeeze(-1)  # [T, n]
+        return self.critic(obs, *self.task_vectors(task_ids)).squeeze(-1)  # [T, n]
 
     def get_action_and_value(self, obs, task_ids, action=None):
-        w = self.task_vectors(task_ids)
+        w, version = self.task_vectors(task_ids)
         logstd = None if self.discrete else self.actor_logstd[task_ids[:, :1]]  # [T, 1, A]
-        action, logprob, entropy = action_logprob_entropy(self.actor(obs, w), logstd, action)
-        return action, logprob, entropy, self.critic(obs, w).squeeze(-1)
+        action, logprob, entropy = action_logprob_entropy(self.actor(obs, w, version), logstd, action)
+        return action, logprob, entropy, self.critic(obs, w, version).squeeze(-1)
 
     def act_deterministic(self, obs, task_ids):
-        head = self.actor(obs, self.task_vectors(task_ids))
+        head = self.actor(obs, *self.task_vectors(task_ids))
         return head.argmax(-1) if self.discrete else head
 
     def episode_boundaries(self, ended: torch.Tensor) -> None:
@@ -394,6 +424,7 @@ def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor
     optimizer.step()
     if args.maskout:
         reset_task_vectors(agent, optimizer, fires, healthy=contributing)
+    agent.clear_weight_cache()
     return {"losses/grad_norm": grad_norm,
             "paco/masked_fraction": (~contributing).float().mean(),
             "paco/max_relative_loss": max_relative}

@@ -352,8 +352,9 @@ class VarShareLinear(nn.Module):
         return self.sigma_and_slope()[0]
 
     def sigma_and_slope(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(softplus(rho), sigmoid(rho)) without autograd, computed once per parameter version:
-        the loss's forward and the KL gradient after it share them."""
+        """(softplus(rho), sigmoid(rho)) without autograd, shared by the loss's forward and the KL
+        gradient after it. Agent.clear_weight_cache() drops them after every optimiser step (fused
+        Adam may leave version counters alone); the version check catches in-place edits elsewhere."""
         cache = self._sigma_cache
         if cache is None or cache[0] != self.rho._version:
             with torch.no_grad():

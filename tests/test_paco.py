@@ -130,6 +130,35 @@ def test_copies_start_identical_and_every_task_starts_as_the_layer_init_network(
             torch.testing.assert_close(composed, layer.weight[:1].expand(T, -1, -1), rtol=1e-5, atol=1e-6)
 
 
+def test_acting_reuses_composed_weights_until_a_parameter_changes():
+    args = make_args()
+    agent, optimizer = make_agent_and_optimizer(args)
+    mb = make_minibatch()
+    obs, ids = mb["obs"], mb["task_ids"]
+
+    def acting():
+        with torch.inference_mode():
+            return agent.act_deterministic(obs, ids)
+
+    def fresh(o=obs, i=ids):  # composed anew: the autograd path never uses the cache
+        with torch.enable_grad():
+            return agent.act_deterministic(o, i).detach()
+
+    first = acting()
+    assert all(layer.composed is not None for layer in agent.actor.layers)
+    assert torch.equal(acting(), first) and torch.allclose(first, fresh(), atol=1e-6)
+    step(args, agent, optimizer, healthy_losses(args, agent, mb))  # fused Adam may leave version counters alone
+    assert all(layer.composed is None for layer in [*agent.actor.layers, *agent.critic.layers])
+    after_step = acting()
+    assert not torch.allclose(after_step, first) and torch.allclose(after_step, fresh(), atol=1e-6)
+    with torch.no_grad():
+        agent.w[1].mul_(-1.0)  # an in-place edit outside the optimiser
+    assert torch.allclose(acting(), fresh(), atol=1e-6) and not torch.allclose(acting(), after_step)
+    with torch.inference_mode():  # a batch whose rows are not the task table in order is composed anew
+        swapped = agent.act_deterministic(obs.flip(0), ids.flip(0))
+    assert torch.allclose(swapped, fresh(obs.flip(0), ids.flip(0)), atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # The maskout rule
 # ---------------------------------------------------------------------------------------------
