@@ -273,20 +273,36 @@ def test_episode_rollout_weights_redraw_only_for_ended_envs():
                      residual_bias=False, rollout_weights="episode", estimator="flipout", eval_sample_weights=0)
     obs = torch.randn(2, 3, 3)  # T=2 tasks, k=3 envs
     task_ids = torch.arange(2)[:, None].expand(-1, 3)
-    with torch.inference_mode():
+    with torch.inference_mode():  # the rollout's forward (it builds the cached sampled weights)
         agent.get_action_and_value(obs, task_ids)
-        eps_before = agent.actor.layers[0].fixed_eps.clone()
-        ended = torch.tensor([[True, False, False], [False, False, True]])
-        agent.episode_boundaries(ended)
-        eps_after = agent.actor.layers[0].fixed_eps
+    eps_before = agent.actor.layers[0].fixed_eps.clone()
+    ended = torch.tensor([[True, False, False], [False, False, True]])
+    agent.episode_boundaries(ended)  # outside inference mode, as the core calls it
+    eps_after = agent.actor.layers[0].fixed_eps
     changed = (eps_before != eps_after).flatten(1).any(1)
     assert changed.tolist() == [True, False, False, False, False, True]
-    # a fixed per-env sample equals the explicit weight theta + mu + sigma * eps of that env
+    # every env's output uses the explicit weight theta + mu + sigma * eps of its own sample,
+    # redrawn rows included (the cache is updated row by row)
     layer = agent.actor.layers[0]
-    with torch.no_grad():
+    with torch.inference_mode():
         y = layer(obs, "fixed")
-        w = layer.theta + layer.mu[1] + layer.sigma()[1] * layer.fixed_eps[4]
-        assert torch.allclose(y[1, 1], obs[1, 1] @ w + layer.bias, atol=1e-6)
+    for row in range(6):
+        t, j = divmod(row, 3)
+        w = layer.theta + layer.mu[t] + layer.sigma()[t] * layer.fixed_eps[row]
+        assert torch.allclose(y[t, j], obs[t, j] @ w + layer.bias, atol=1e-6)
+
+
+def test_sampled_weight_runs_train_and_evaluate_end_to_end(tmp_path):
+    """--rollout-weights episode with --eval-sample-weights and --residual-bias through main():
+    episodes end mid-rollout, evaluations sample their own weights, the loss follows them."""
+    args = vs.Args(env_id="cartpole-mt", total_timesteps=3 * 5 * 2 * 64, num_envs_per_task=2, num_steps=64,
+                   num_minibatches=2, update_epochs=1, eval_every=5 * 2 * 64, eval_episodes=1, final_eval_episodes=2,
+                   hidden_sizes=(8,), runs_dir=str(tmp_path), rollout_weights="episode", eval_sample_weights=2,
+                   residual_bias=True)
+    summary = vs.main(args)
+    assert summary["global_step"] == 3 * 5 * 2 * 64
+    returns = [task["return"] for task in summary["per_task"].values()]
+    assert len(returns) == 5 and min(returns) >= 8  # CartPole pays 1 per step; no episode is shorter than 8
 
 
 def test_parameter_counts_match_hand_count():
