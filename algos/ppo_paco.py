@@ -335,6 +335,10 @@ class Agent(nn.Module):
         self.clear_weight_cache()
         return result
 
+    def _apply(self, *args, **kwargs):  # .to(), .double(), .cuda(): cached tensors would be stale
+        self.clear_weight_cache()
+        return super()._apply(*args, **kwargs)
+
     def get_value(self, obs: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         return self.critic(obs, *self.task_vectors(task_ids)).squeeze(-1)  # [T, n]
 

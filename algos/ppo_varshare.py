@@ -259,6 +259,7 @@ class FlipoutMatmul(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved weights carry no graph
     def backward(ctx, grad_y):
         x, weight, delta, x_in, s_in, s_out, eps, slope = ctx.saved_tensors
         grad_out = grad_y * s_out
@@ -289,6 +290,7 @@ class ReparamMatmul(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved weights carry no graph
     def backward(ctx, grad_y):
         x, weight, eps, slope = ctx.saved_tensors
         grad_x = grad_theta = grad_mu = grad_rho = grad_bias = None
@@ -403,7 +405,9 @@ class VarShareLinear(nn.Module):
         """theta + mu_t + sigma_t * eps_r for the given rows r of ``fixed_eps`` (row r is task r // k)."""
         tasks = slice(None) if isinstance(rows, slice) else torch.div(rows, k, rounding_mode="floor")
         mean = self.theta + self.residual_mean()[tasks]
-        sigma = self.sigma()[tasks] if self.prune_mask is None else self.sigma()[tasks] * self.prune_mask[tasks]
+        sigma = self.sigma() if isinstance(rows, slice) else nn.functional.softplus(self.rho[tasks])
+        if self.prune_mask is not None:
+            sigma = sigma * self.prune_mask[tasks]
         if isinstance(rows, slice):
             return mean.repeat_interleave(k, dim=0) + sigma.repeat_interleave(k, dim=0) * self.fixed_eps
         return mean + sigma * self.fixed_eps[rows]
@@ -493,6 +497,10 @@ class Agent(nn.Module):
         result = super().load_state_dict(*args, **kwargs)
         self.clear_weight_cache()
         return result
+
+    def _apply(self, *args, **kwargs):  # .to(), .double(), .cuda(): cached tensors would be stale
+        self.clear_weight_cache()
+        return super()._apply(*args, **kwargs)
 
     def mode(self) -> str:
         """Which weights this forward uses: the estimator when a loss is being computed, the

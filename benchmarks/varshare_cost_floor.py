@@ -6,9 +6,11 @@ At each shape of benchmarks/update_cost.py this times, in interleaved rounds:
 - ppo_mtl_embed's whole minibatch update (the reference, 1.00);
 - VarShare's whole minibatch update, with Flipout and with --estimator reparam;
 - three parts that no implementation of the estimator can skip, each run on its own with
-  VarShare's shapes: the batched matmuls of forward and backward (Flipout: six per layer, five
+  VarShare's shapes: the batched matmuls of forward and backward (Flipout: six per layer, four
   for the input layer, whose input needs no gradient; reparam: three and two), one standard
-  normal draw per residual entry, and the fused Adam step over theta, mu and rho.
+  normal draw per residual entry, and the fused Adam step over theta, mu and rho;
+- for scale, the matmuls of ppo_mtl_embed's own update (three per linear layer, two for the
+  input layers), which shows how much of the reference update is matmul.
 The sum of the three parts is a floor on this machine: an update cannot cost less than its
 matmuls, its noise and its optimiser step. Everything above the floor is elementwise work
 (softplus, sigmoid, sign vectors, theta + mu, gradient clipping) and per-op overhead.
@@ -47,6 +49,24 @@ def matmul_work(agent, n: int, estimator: str):
     return run
 
 
+def shared_matmul_work(agent, rows: int):
+    """The forward and backward matmuls of every nn.Linear of the shared-MTL agent."""
+    items = []
+    for net in (agent.critic, agent.actor):
+        linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+        for i, linear in enumerate(linears):
+            items.append((torch.randn(rows, linear.in_features), torch.randn(rows, linear.out_features),
+                          linear.weight.detach().clone(), i == 0))
+
+    def run() -> None:
+        for x, grad_y, weight, first in items:
+            torch.mm(x, weight.t())
+            torch.mm(grad_y.t(), x)
+            if not first:
+                torch.mm(grad_y, weight)
+    return run
+
+
 def noise_draws(agent):
     def run() -> None:
         for layer in agent.layers():
@@ -74,7 +94,8 @@ def main() -> None:
         work = {"ppo_mtl_embed update": lambda i: reference[0](i),
                 "VarShare update, Flipout": lambda i: flipout[0](i),
                 "VarShare update, reparam": lambda i: reparam[0](i)}
-        parts = {"matmuls, Flipout": matmul_work(flipout[3], n, "flipout"),
+        parts = {"matmuls, ppo_mtl_embed": shared_matmul_work(reference[3], n * flipout[3].num_tasks),
+                 "matmuls, Flipout": matmul_work(flipout[3], n, "flipout"),
                  "matmuls, reparam": matmul_work(flipout[3], n, "reparam"),
                  "normal draws": noise_draws(flipout[3]),
                  "fused Adam step": adam_step(*setup(varshare, env_id, shape, {})[3:])}

@@ -1,5 +1,6 @@
 """The core's time-limit bootstrap, checked with numbers: a truncated step's stored reward is
-r + gamma * V(final observation); a terminated step's is r alone; nothing crosses an episode end.
+r + gamma * V(final observation); a terminated step's is r alone; both end the episode for GAE
+(test_gae.py checks that GAE stops there).
 
 Task 0's episodes are cut by a time limit after 4 steps, task 1's terminate after 4 steps. The
 observation's first entry counts the steps of the episode (the final observation of a 4-step
