@@ -106,6 +106,7 @@ from shared.normalize import ObsNormalizer, RewardScaler
 from shared.params import count_parameters, per_task
 from shared.runlog import RunLogger
 from shared.suites import apply_suite_defaults, env_seed, make_suite, make_vector_env, select_tasks, space_dims
+from shared.weight_cache import WeightCacheMixin
 
 ALGO = "ppo_paco"
 
@@ -303,7 +304,7 @@ def initial_task_vectors(num_tasks: int, num_copies: int) -> torch.Tensor:
     return w + (1.0 - w.sum(dim=1, keepdim=True)) / num_copies
 
 
-class Agent(nn.Module):
+class Agent(WeightCacheMixin):
     """Compositional actor and critic over the observation alone; inputs are task-major [T, n, ...]."""
 
     def __init__(self, obs_dim: int, act_dim: int, discrete: bool, num_tasks: int,
@@ -329,15 +330,6 @@ class Agent(nn.Module):
         """Called after every optimiser step (fused Adam leaves version counters alone) and load."""
         for layer in [*self.actor.layers, *self.critic.layers]:
             layer.composed = None
-
-    def load_state_dict(self, *args, **kwargs):
-        result = super().load_state_dict(*args, **kwargs)
-        self.clear_weight_cache()
-        return result
-
-    def _apply(self, *args, **kwargs):  # .to(), .double(), .cuda(): cached tensors would be stale
-        self.clear_weight_cache()
-        return super()._apply(*args, **kwargs)
 
     def get_value(self, obs: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         return self.critic(obs, *self.task_vectors(task_ids)).squeeze(-1)  # [T, n]

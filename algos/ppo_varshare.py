@@ -78,6 +78,7 @@ from shared.normalize import ObsNormalizer, RewardScaler
 from shared.params import count_parameters, per_task
 from shared.runlog import RunLogger
 from shared.suites import apply_suite_defaults, env_seed, make_suite, make_vector_env, select_tasks, space_dims
+from shared.weight_cache import WeightCacheMixin
 
 ALGO = "ppo_varshare"
 
@@ -469,7 +470,7 @@ class VarShareMLP(nn.Module):
         return x
 
 
-class Agent(nn.Module):
+class Agent(WeightCacheMixin):
     """Actor and critic whose every linear layer is a VarShareLinear. The observation is the
     network's only input: task identity enters only through the residual of row t (task t)."""
 
@@ -495,15 +496,6 @@ class Agent(nn.Module):
         """Called after every optimiser step, load and pruning change: the cached theta + mu is stale."""
         for layer in self.layers():
             layer._mean_cache = layer._sigma_cache = layer._fixed_cache = None
-
-    def load_state_dict(self, *args, **kwargs):
-        result = super().load_state_dict(*args, **kwargs)
-        self.clear_weight_cache()
-        return result
-
-    def _apply(self, *args, **kwargs):  # .to(), .double(), .cuda(): cached tensors would be stale
-        self.clear_weight_cache()
-        return super()._apply(*args, **kwargs)
 
     def mode(self) -> str:
         """Which weights this forward uses: the estimator when a loss is being computed, the
