@@ -318,12 +318,13 @@ class Agent(WeightCacheMixin):
         # Maskout state: tasks reset in this iteration sit out its remaining minibatches.
         self.register_buffer("skipped", torch.zeros(num_tasks, dtype=torch.bool), persistent=False)  # [T]
         self.register_buffer("resets", torch.zeros(num_tasks, dtype=torch.long), persistent=False)  # [T], so far
+        self.register_buffer("task_range", torch.arange(num_tasks), persistent=False)  # rows of the whole task table
 
     def task_vectors(self, task_ids: torch.Tensor) -> tuple[torch.Tensor, int | None]:
         """(w rows [T, K], row t of the batch being one task (the core's layout); the table's
         version when those rows are the whole table in order, which lets acting reuse composed weights)."""
         rows = task_ids[:, 0]
-        whole_table = rows.shape[0] == self.num_tasks and torch.equal(rows, torch.arange(self.num_tasks, device=rows.device))
+        whole_table = rows.shape[0] == self.num_tasks and torch.equal(rows, self.task_range)
         return self.w[rows], (self.w._version if whole_table else None)
 
     def clear_weight_cache(self) -> None:

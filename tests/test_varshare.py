@@ -127,6 +127,8 @@ def test_random_signs_are_balanced_and_independent():
     assert abs(float(s.mean())) < 0.005  # 602,000 fair signs: standard error 0.0013
     assert abs(float((s[:, 1:] * s[:, :-1]).mean())) < 0.005  # neighbours within a row
     assert abs(float((s[1:] * s[:-1]).mean())) < 0.005  # the same column in neighbouring rows
+    wide = vs.random_signs((4, 9), torch.zeros(1, dtype=torch.float64))  # the table follows the dtype
+    assert wide.dtype == torch.float64 and set(wide.unique().tolist()) <= {-1.0, 1.0}
 
 
 def replicated(layer, copies):
