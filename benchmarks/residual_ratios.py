@@ -29,7 +29,11 @@ def main() -> None:
             continue
         args = json.load(open(os.path.join(run_dir, "args.json")))
         scalars = last_scalars(run_dir, r"residual_ratio(/actor\d+)?$")
-        head = max(int(tag.rsplit("actor", 1)[1]) for tag in scalars if "/actor" in tag)
+        heads = [int(tag.rsplit("actor", 1)[1]) for tag in scalars if "/actor" in tag]
+        if not heads:  # stopped before its first diagnostics were logged
+            print(f"(skipped {run_dir}: no varshare/ residual ratios in its logs)", file=sys.stderr)
+            continue
+        head = max(heads)
         overall = {t: scalars[f"varshare/{t}/residual_ratio"] for t in args["task_names"]}
         at_head = {t: scalars[f"varshare/{t}/residual_ratio/actor{head}"] for t in args["task_names"]}
         inverted = [t for t in args["task_names"] if t.endswith("inverted")]

@@ -14,6 +14,8 @@ iteration at the suite's epochs x minibatches.
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import glob
 import os
 import sys
@@ -60,6 +62,23 @@ def setup(module, env_id: str, shape: dict, overrides: dict):
     return step, per_iteration, n, agent, optimizer
 
 
+def parse_overrides(parser: argparse.ArgumentParser, module, spec: str) -> dict:
+    """"field=value,field=value" -> {field: value}, each value read as a Python literal when it is
+    one (0.5, 2, True) and as a string otherwise (reparam); unknown fields are refused."""
+    fields = {f.name for f in dataclasses.fields(module.Args)}
+    overrides = {}
+    for item in filter(None, spec.split(",")):
+        field, sep, text = item.partition("=")
+        if not sep or field not in fields:
+            parser.error(f"'{item}' is not field=value with a field of {module.ALGO}'s Args "
+                         f"(e.g. ppo_varshare:estimator=reparam)")
+        try:
+            overrides[field] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[field] = text
+    return overrides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=30)
@@ -76,8 +95,11 @@ def main() -> None:
         steps, timings = {}, {}
         for script in scripts:  # "name" or "name:field=value,field=value" (an Args variant)
             name, _, spec = script.partition(":")
-            overrides = dict(item.split("=", 1) for item in spec.split(",")) if spec else {}
-            steps[script] = setup(load(name), env_id, shape, overrides)
+            if not os.path.exists(os.path.join(ROOT, "algos", f"{name}.py")):
+                known = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "algos", "ppo_*.py")))
+                parser.error(f"no script algos/{name}.py; choose from {', '.join(known)}")
+            module = load(name)
+            steps[script] = setup(module, env_id, shape, parse_overrides(parser, module, spec))
             for i in range(3):  # warm-up
                 steps[script][0](i + 1)
             timings[script] = []

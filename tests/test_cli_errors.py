@@ -67,14 +67,12 @@ def test_task_flag_on_a_single_env_id_is_refused(runs):
 
 
 def test_task_selection_refuses_duplicates_and_a_holdout_outside_the_list():
-    import pytest as _pytest
-
     from shared.cli import UsageError
     from shared.suites import make_suite, select_tasks
 
     suite = make_suite("cartpole-mt")
-    with _pytest.raises(UsageError, match="twice"):
+    with pytest.raises(UsageError, match="twice"):
         select_tasks(suite, ["standard", "standard"], None)
-    with _pytest.raises(UsageError, match="hold nothing out"):
+    with pytest.raises(UsageError, match="hold nothing out"):
         select_tasks(suite, ["standard", "long-pole"], "heavy-cart")
     assert select_tasks(suite, ["standard", "long-pole"], "long-pole").task_names == ("standard",)
