@@ -135,7 +135,8 @@ class PPOArgs:
     """appended to the run directory name"""
 
     env_id: str = "cartpole-mt"
-    """suite id (cartpole-mt, cartpole-identical, cartpole-conflict, lunarlander-mt, mt3, mt10), a gymnasium id, or a Meta-World task"""
+    """suite id (cartpole-mt, cartpole-identical, cartpole-conflict, lunarlander-mt, mt3, mt10), a gymnasium id,
+    or a Meta-World task"""
     tasks: Optional[list[str]] = None
     """train on these tasks of the suite only"""
     holdout_task: Optional[str] = None
@@ -228,11 +229,13 @@ class Args(PPOArgs):
     num_copies: int = 5
     """K: parameter copies per layer that each task's vector w_t composes"""
     maskout: bool = True
-    """mask out (and reset the w of) a task whose loss explodes; --no-maskout turns it off (paco/max_relative_loss is still logged)"""
+    """mask out (and reset the w of) a task whose loss explodes; --no-maskout turns it off
+    (paco/max_relative_loss is still logged)"""
     maskout_ratio: float = 50.0
     """a task fires when its loss exceeds this times max(median task |loss|, --maskout-floor)"""
     maskout_floor: float = 0.1
-    """lower bound on the median |loss| used as the scale of a typical task (also the scale of paco/max_relative_loss)"""
+    """lower bound on the median |loss| used as the scale of a typical task
+    (also the scale of paco/max_relative_loss)"""
 
 
 OBS_NORM_PER_TASK = False  # one observation normaliser shared by all tasks
@@ -256,7 +259,8 @@ class CompositionalLinear(nn.Module):
     def __init__(self, num_copies: int, d_in: int, d_out: int, std: float):
         super().__init__()
         shared_init = layer_init(nn.Linear(d_in, d_out), std)  # one init, copied into every slot
-        self.weight = nn.Parameter(shared_init.weight.detach().t().expand(num_copies, d_in, d_out).clone())  # [K, d_in, d_out]
+        copies = shared_init.weight.detach().t().expand(num_copies, d_in, d_out)  # [K, d_in, d_out]
+        self.weight = nn.Parameter(copies.clone())
         self.bias = nn.Parameter(shared_init.bias.detach().expand(num_copies, d_out).clone())  # [K, d_out]
         self.composed: tuple | None = None  # (key, weight, bias) for acting; see forward
 
@@ -288,7 +292,7 @@ class CompositionalMLP(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(
             CompositionalLinear(num_copies, a, b, std=out_std if i == len(sizes) - 2 else np.sqrt(2))
-            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])))
+            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, table_version: int | None = None) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -378,7 +382,8 @@ def select_run_tasks(args: Args, suite):
     return select_tasks(suite, args.tasks, args.holdout_task)
 
 
-def exploding_tasks(args: Args, task_losses: torch.Tensor, taking_part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def exploding_tasks(args: Args, task_losses: torch.Tensor,
+                    taking_part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The maskout rule: ([T] bool, which tasks fire; max_t L_t / scale over the tasks taking part)."""
     losses = task_losses.detach()
     finite = torch.isfinite(losses)
@@ -543,7 +548,8 @@ def main(args) -> dict:
         obs_t = torch.as_tensor(obs_np, device=device)
         eval_task_ids = torch.arange(T, device=device)[:, None].expand(T, obs_np.shape[1])
         with torch.inference_mode():
-            return agent.act_deterministic(obs_t, eval_task_ids).reshape(T * obs_np.shape[1], *action_shape).cpu().numpy()
+            actions = agent.act_deterministic(obs_t, eval_task_ids)  # [T, n, ...]
+            return actions.reshape(T * obs_np.shape[1], *action_shape).cpu().numpy()
 
     def run_evaluation(eval_env, episodes: int, step: int, final: bool, label: str = "") -> dict:
         # One pass with the deterministic policy; VarShare's --eval-sample-weights N makes this N
@@ -562,7 +568,7 @@ def main(args) -> dict:
         logger.eval(result, step, final=final)
         print(f"step {step}: eval{' ' + label if label else ''} success {result['success'].mean():.3f} "
               f"return {result['return'].mean():.1f} "
-              + " ".join(f"{n}={r:.1f}" for n, r in zip(suite.task_names, result["return"])))
+              + " ".join(f"{n}={r:.1f}" for n, r in zip(suite.task_names, result["return"], strict=True)))
         return result
 
     def final_evaluation(label: str = "") -> dict:
@@ -612,7 +618,8 @@ def main(args) -> dict:
                     final_obs = raw_obs.copy().reshape(T * k, obs_dim)
                     for i in np.flatnonzero(bootstrap):
                         final_obs[i] = info["final_obs"][i]
-                    final_obs_t = torch.as_tensor(obs_normalizer.normalize(final_obs.reshape(T, k, obs_dim)), device=device)
+                    final_obs_t = torch.as_tensor(obs_normalizer.normalize(final_obs.reshape(T, k, obs_dim)),
+                                                  device=device)
                     with torch.inference_mode():
                         final_value = agent.get_value(final_obs_t, task_ids).cpu().numpy().reshape(T * k)
                     scaled_reward = scaled_reward.reshape(T * k)
@@ -688,7 +695,8 @@ def main(args) -> dict:
             all_returns = [r for task in episode_returns for r in task]
             if all_returns:
                 logger.scalar("charts/episodic_return", np.mean(all_returns), global_step)
-            for name, task_returns, task_successes in zip(suite.task_names, episode_returns, episode_successes):
+            for name, task_returns, task_successes in zip(suite.task_names, episode_returns, episode_successes,
+                                                          strict=True):
                 if task_returns:
                     logger.scalar(f"charts/{name}/episodic_return", np.mean(task_returns), global_step)
                     if suite.success_return is None:

@@ -115,7 +115,8 @@ class PPOArgs:
     """appended to the run directory name"""
 
     env_id: str = "cartpole-mt"
-    """suite id (cartpole-mt, cartpole-identical, cartpole-conflict, lunarlander-mt, mt3, mt10), a gymnasium id, or a Meta-World task"""
+    """suite id (cartpole-mt, cartpole-identical, cartpole-conflict, lunarlander-mt, mt3, mt10), a gymnasium id,
+    or a Meta-World task"""
     tasks: Optional[list[str]] = None
     """train on these tasks of the suite only"""
     holdout_task: Optional[str] = None
@@ -214,7 +215,7 @@ OBS_NORM_PER_TASK = False  # one observation normaliser shared by all tasks
 
 def mlp(sizes: list[int], out_std: float) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         last = i == len(sizes) - 2
         layers.append(layer_init(nn.Linear(a, b), std=out_std if last else np.sqrt(2)))
         if not last:
@@ -350,7 +351,8 @@ def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor
     params = list(agent.parameters())
     grads_by_task = [torch.autograd.grad(task_losses[t], params, retain_graph=t < num_tasks - 1)
                      for t in range(num_tasks)]
-    task_grads = {p: torch.stack(g) for p, g in zip(params, zip(*grads_by_task))}  # p -> [T, *p.shape]
+    per_param = zip(*grads_by_task, strict=True)  # for each parameter, its T task gradients
+    task_grads = {p: torch.stack(g) for p, g in zip(params, per_param, strict=True)}  # p -> [T, *p.shape]
     optimizer.zero_grad(set_to_none=True)
     # Plain gradient of the mean loss everywhere; this is final for the task-only entries (log-std and
     # embedding rows, one-hot columns), and the shared entries are overwritten below.
@@ -362,7 +364,7 @@ def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor
         flat = torch.cat([task_grads[p][..., cols].reshape(num_tasks, -1) for p, cols in entries], dim=1)  # [T, P]
         surgered = project_conflicting(flat).mean(0)  # [P]
         chunks = surgered.split([p.grad[..., cols].numel() for p, cols in entries])
-        for (p, cols), chunk in zip(entries, chunks):
+        for (p, cols), chunk in zip(entries, chunks, strict=True):
             p.grad[..., cols] = chunk.view_as(p.grad[..., cols])
         if num_tasks > 1:
             conflict_fraction, cosine = conflict_statistics(flat)
@@ -479,7 +481,8 @@ def main(args) -> dict:
         obs_t = torch.as_tensor(obs_np, device=device)
         eval_task_ids = torch.arange(T, device=device)[:, None].expand(T, obs_np.shape[1])
         with torch.inference_mode():
-            return agent.act_deterministic(obs_t, eval_task_ids).reshape(T * obs_np.shape[1], *action_shape).cpu().numpy()
+            actions = agent.act_deterministic(obs_t, eval_task_ids)  # [T, n, ...]
+            return actions.reshape(T * obs_np.shape[1], *action_shape).cpu().numpy()
 
     def run_evaluation(eval_env, episodes: int, step: int, final: bool, label: str = "") -> dict:
         # One pass with the deterministic policy; VarShare's --eval-sample-weights N makes this N
@@ -498,7 +501,7 @@ def main(args) -> dict:
         logger.eval(result, step, final=final)
         print(f"step {step}: eval{' ' + label if label else ''} success {result['success'].mean():.3f} "
               f"return {result['return'].mean():.1f} "
-              + " ".join(f"{n}={r:.1f}" for n, r in zip(suite.task_names, result["return"])))
+              + " ".join(f"{n}={r:.1f}" for n, r in zip(suite.task_names, result["return"], strict=True)))
         return result
 
     def final_evaluation(label: str = "") -> dict:
@@ -548,7 +551,8 @@ def main(args) -> dict:
                     final_obs = raw_obs.copy().reshape(T * k, obs_dim)
                     for i in np.flatnonzero(bootstrap):
                         final_obs[i] = info["final_obs"][i]
-                    final_obs_t = torch.as_tensor(obs_normalizer.normalize(final_obs.reshape(T, k, obs_dim)), device=device)
+                    final_obs_t = torch.as_tensor(obs_normalizer.normalize(final_obs.reshape(T, k, obs_dim)),
+                                                  device=device)
                     with torch.inference_mode():
                         final_value = agent.get_value(final_obs_t, task_ids).cpu().numpy().reshape(T * k)
                     scaled_reward = scaled_reward.reshape(T * k)
@@ -624,7 +628,8 @@ def main(args) -> dict:
             all_returns = [r for task in episode_returns for r in task]
             if all_returns:
                 logger.scalar("charts/episodic_return", np.mean(all_returns), global_step)
-            for name, task_returns, task_successes in zip(suite.task_names, episode_returns, episode_successes):
+            for name, task_returns, task_successes in zip(suite.task_names, episode_returns, episode_successes,
+                                                          strict=True):
                 if task_returns:
                     logger.scalar(f"charts/{name}/episodic_return", np.mean(task_returns), global_step)
                     if suite.success_return is None:

@@ -67,7 +67,8 @@ class PPOArgs:
     """appended to the run directory name"""
 
     env_id: str = "cartpole-mt"
-    """suite id (cartpole-mt, cartpole-identical, cartpole-conflict, lunarlander-mt, mt3, mt10), a gymnasium id, or a Meta-World task"""
+    """suite id (cartpole-mt, cartpole-identical, cartpole-conflict, lunarlander-mt, mt3, mt10), a gymnasium id,
+    or a Meta-World task"""
     tasks: Optional[list[str]] = None
     """train on these tasks of the suite only"""
     holdout_task: Optional[str] = None
@@ -183,7 +184,7 @@ class TaskLinear(nn.Module):
 
 def task_mlp(num_tasks: int, sizes: list[int], out_std: float) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         last = i == len(sizes) - 2
         layers.append(TaskLinear(num_tasks, a, b, std=out_std if last else np.sqrt(2)))
         if not last:
@@ -362,7 +363,8 @@ def main(args) -> dict:
         obs_t = torch.as_tensor(obs_np, device=device)
         eval_task_ids = torch.arange(T, device=device)[:, None].expand(T, obs_np.shape[1])
         with torch.inference_mode():
-            return agent.act_deterministic(obs_t, eval_task_ids).reshape(T * obs_np.shape[1], *action_shape).cpu().numpy()
+            actions = agent.act_deterministic(obs_t, eval_task_ids)  # [T, n, ...]
+            return actions.reshape(T * obs_np.shape[1], *action_shape).cpu().numpy()
 
     def run_evaluation(eval_env, episodes: int, step: int, final: bool, label: str = "") -> dict:
         # One pass with the deterministic policy; VarShare's --eval-sample-weights N makes this N
@@ -381,7 +383,7 @@ def main(args) -> dict:
         logger.eval(result, step, final=final)
         print(f"step {step}: eval{' ' + label if label else ''} success {result['success'].mean():.3f} "
               f"return {result['return'].mean():.1f} "
-              + " ".join(f"{n}={r:.1f}" for n, r in zip(suite.task_names, result["return"])))
+              + " ".join(f"{n}={r:.1f}" for n, r in zip(suite.task_names, result["return"], strict=True)))
         return result
 
     def final_evaluation(label: str = "") -> dict:
@@ -431,7 +433,8 @@ def main(args) -> dict:
                     final_obs = raw_obs.copy().reshape(T * k, obs_dim)
                     for i in np.flatnonzero(bootstrap):
                         final_obs[i] = info["final_obs"][i]
-                    final_obs_t = torch.as_tensor(obs_normalizer.normalize(final_obs.reshape(T, k, obs_dim)), device=device)
+                    final_obs_t = torch.as_tensor(obs_normalizer.normalize(final_obs.reshape(T, k, obs_dim)),
+                                                  device=device)
                     with torch.inference_mode():
                         final_value = agent.get_value(final_obs_t, task_ids).cpu().numpy().reshape(T * k)
                     scaled_reward = scaled_reward.reshape(T * k)
@@ -507,7 +510,8 @@ def main(args) -> dict:
             all_returns = [r for task in episode_returns for r in task]
             if all_returns:
                 logger.scalar("charts/episodic_return", np.mean(all_returns), global_step)
-            for name, task_returns, task_successes in zip(suite.task_names, episode_returns, episode_successes):
+            for name, task_returns, task_successes in zip(suite.task_names, episode_returns, episode_successes,
+                                                          strict=True):
                 if task_returns:
                     logger.scalar(f"charts/{name}/episodic_return", np.mean(task_returns), global_step)
                     if suite.success_return is None:

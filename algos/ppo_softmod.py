@@ -96,8 +96,15 @@ from shared.evaluate import evaluate, finished_episodes, step_success
 from shared.normalize import ObsNormalizer, RewardScaler
 from shared.params import count_parameters, per_task
 from shared.runlog import RunLogger
-from shared.suites import apply_suite_defaults, env_seed, make_suite, make_vector_env, select_tasks, space_dims
-from shared.suites import SUITE_DEFAULTS
+from shared.suites import (
+    SUITE_DEFAULTS,
+    apply_suite_defaults,
+    env_seed,
+    make_suite,
+    make_vector_env,
+    select_tasks,
+    space_dims,
+)
 
 ALGO = "ppo_softmod"
 
@@ -126,7 +133,8 @@ class PPOArgs:
     """appended to the run directory name"""
 
     env_id: str = "cartpole-mt"
-    """suite id (cartpole-mt, cartpole-identical, cartpole-conflict, lunarlander-mt, mt3, mt10), a gymnasium id, or a Meta-World task"""
+    """suite id (cartpole-mt, cartpole-identical, cartpole-conflict, lunarlander-mt, mt3, mt10), a gymnasium id,
+    or a Meta-World task"""
     tasks: Optional[list[str]] = None
     """train on these tasks of the suite only"""
     holdout_task: Optional[str] = None
@@ -223,7 +231,8 @@ class Args(PPOArgs):
     module_width: Optional[int] = None
     """d: width of each module (default: 256 on mt10 as in the paper, else the widest of --hidden-sizes)"""
     embedding_width: Optional[int] = None
-    """D: width of the state and task encoders (default: 400 on mt10 as in the paper, else the widest of --hidden-sizes)"""
+    """D: width of the state and task encoders (default: 400 on mt10 as in the paper, else the widest of
+    --hidden-sizes)"""
 
 
 OBS_NORM_PER_TASK = False  # one observation normaliser shared by all tasks
@@ -282,7 +291,8 @@ class SoftModularNet(nn.Module):
         # Routing: W_d(l) maps to the n x n logits of the mix after layer l; W_u(l) feeds p(l) into p(l+1).
         self.route_down = nn.ModuleList(layer_init(nn.Linear(D, n * n), std=0.01) for _ in range(num_layers - 1))
         self.route_up = nn.ModuleList(layer_init(nn.Linear(n * n, D)) for _ in range(num_layers - 2))
-        weights, biases = zip(*(stacked_modules(n, D if l == 0 else d, d, np.sqrt(2)) for l in range(num_layers)))
+        stacks = [stacked_modules(n, D if layer == 0 else d, d, np.sqrt(2)) for layer in range(num_layers)]
+        weights, biases = zip(*stacks, strict=True)
         self.module_weight = nn.ParameterList(weights)  # L x [n, d_in, d]
         self.module_bias = nn.ParameterList(biases)  # L x [n, d]
         out_weight = torch.empty(n * d, out_dim)
@@ -300,15 +310,15 @@ class SoftModularNet(nn.Module):
         fh = f * h  # [T, N, D]
         logits = self.route_down[0](torch.relu(fh))  # [T, N, n * n]
         routing = [logits]
-        for l in range(1, self.num_layers - 1):
-            logits = self.route_down[l](torch.relu(self.route_up[l - 1](logits) * fh))
+        for layer in range(1, self.num_layers - 1):
+            logits = self.route_down[layer](torch.relu(self.route_up[layer - 1](logits) * fh))
             routing.append(logits)
         routing = torch.softmax(torch.stack(routing).unflatten(-1, (n, n)), dim=-1)  # [L-1, T, N, n, n]
 
         x = torch.relu(torch.einsum("tbi,mio->tbmo", f, self.module_weight[0]) + self.module_bias[0])  # [T, N, n, d]
-        for l in range(1, self.num_layers):
-            g = routing[l - 1] @ x  # [T, N, n, d]: target i gets sum_j p[i, j] x_j
-            x = torch.relu(torch.einsum("tbmi,mio->tbmo", g, self.module_weight[l]) + self.module_bias[l])
+        for layer in range(1, self.num_layers):
+            g = routing[layer - 1] @ x  # [T, N, n, d]: target i gets sum_j p[i, j] x_j
+            x = torch.relu(torch.einsum("tbmi,mio->tbmo", g, self.module_weight[layer]) + self.module_bias[layer])
         out = torch.einsum("tbmi,mio->tbo", x, self.out_weight) + self.out_bias  # [T, N, out]
         return out, routing
 
@@ -406,7 +416,7 @@ def method_diagnostics(args: Args, agent: Agent, logger: RunLogger, global_step:
     for net, routing in agent.last_routing.items():
         entropy, distance = routing_statistics(routing)
         out[f"softmod/{net}/routing_entropy"] = float(entropy.mean())
-        for name, value in zip(logger.task_names, entropy.tolist()):
+        for name, value in zip(logger.task_names, entropy.tolist(), strict=True):
             out[f"softmod/{net}/{name}/routing_entropy"] = value
         num_tasks = distance.shape[0]
         if num_tasks > 1:
@@ -517,7 +527,8 @@ def main(args) -> dict:
         obs_t = torch.as_tensor(obs_np, device=device)
         eval_task_ids = torch.arange(T, device=device)[:, None].expand(T, obs_np.shape[1])
         with torch.inference_mode():
-            return agent.act_deterministic(obs_t, eval_task_ids).reshape(T * obs_np.shape[1], *action_shape).cpu().numpy()
+            actions = agent.act_deterministic(obs_t, eval_task_ids)  # [T, n, ...]
+            return actions.reshape(T * obs_np.shape[1], *action_shape).cpu().numpy()
 
     def run_evaluation(eval_env, episodes: int, step: int, final: bool, label: str = "") -> dict:
         # One pass with the deterministic policy; VarShare's --eval-sample-weights N makes this N
@@ -536,7 +547,7 @@ def main(args) -> dict:
         logger.eval(result, step, final=final)
         print(f"step {step}: eval{' ' + label if label else ''} success {result['success'].mean():.3f} "
               f"return {result['return'].mean():.1f} "
-              + " ".join(f"{n}={r:.1f}" for n, r in zip(suite.task_names, result["return"])))
+              + " ".join(f"{n}={r:.1f}" for n, r in zip(suite.task_names, result["return"], strict=True)))
         return result
 
     def final_evaluation(label: str = "") -> dict:
@@ -586,7 +597,8 @@ def main(args) -> dict:
                     final_obs = raw_obs.copy().reshape(T * k, obs_dim)
                     for i in np.flatnonzero(bootstrap):
                         final_obs[i] = info["final_obs"][i]
-                    final_obs_t = torch.as_tensor(obs_normalizer.normalize(final_obs.reshape(T, k, obs_dim)), device=device)
+                    final_obs_t = torch.as_tensor(obs_normalizer.normalize(final_obs.reshape(T, k, obs_dim)),
+                                                  device=device)
                     with torch.inference_mode():
                         final_value = agent.get_value(final_obs_t, task_ids).cpu().numpy().reshape(T * k)
                     scaled_reward = scaled_reward.reshape(T * k)
@@ -662,7 +674,8 @@ def main(args) -> dict:
             all_returns = [r for task in episode_returns for r in task]
             if all_returns:
                 logger.scalar("charts/episodic_return", np.mean(all_returns), global_step)
-            for name, task_returns, task_successes in zip(suite.task_names, episode_returns, episode_successes):
+            for name, task_returns, task_successes in zip(suite.task_names, episode_returns, episode_successes,
+                                                          strict=True):
                 if task_returns:
                     logger.scalar(f"charts/{name}/episodic_return", np.mean(task_returns), global_step)
                     if suite.success_return is None:

@@ -107,7 +107,8 @@ class PPOArgs:
     """appended to the run directory name"""
 
     env_id: str = "cartpole-mt"
-    """suite id (cartpole-mt, cartpole-identical, cartpole-conflict, lunarlander-mt, mt3, mt10), a gymnasium id, or a Meta-World task"""
+    """suite id (cartpole-mt, cartpole-identical, cartpole-conflict, lunarlander-mt, mt3, mt10), a gymnasium id,
+    or a Meta-World task"""
     tasks: Optional[list[str]] = None
     """train on these tasks of the suite only"""
     holdout_task: Optional[str] = None
@@ -398,7 +399,8 @@ class VarShareLinear(nn.Module):
             if self.mu_bias is not None:
                 bias = bias.repeat_interleave(k, dim=0)
                 if self.rho_bias is not None:
-                    bias = bias + nn.functional.softplus(self.rho_bias).repeat_interleave(k, dim=0) * self.fixed_eps_bias
+                    sigma_bias = nn.functional.softplus(self.rho_bias).repeat_interleave(k, dim=0)
+                    bias = bias + sigma_bias * self.fixed_eps_bias
             y = torch.baddbmm(bias.expand(T * k, 1, -1), x.reshape(T * k, 1, d_in), weight)
             return y.view(T, k, -1)
         raise ValueError(f"unknown weight mode {mode}")
@@ -435,7 +437,9 @@ class VarShareLinear(nn.Module):
         shape = (rows, *self.mu.shape[1:])
         if self.fixed_eps is None or self.fixed_eps.shape != shape or replace is None:
             eps = torch.randn(shape, device=self.mu.device)
-            eps_bias = torch.randn((rows, 1, self.mu.shape[2]), device=self.mu.device) if self.mu_bias is not None else None
+            eps_bias = None
+            if self.mu_bias is not None:
+                eps_bias = torch.randn((rows, 1, self.mu.shape[2]), device=self.mu.device)
             self.set_samples((eps, eps_bias))
             return
         index = replace.nonzero().squeeze(1)
@@ -465,7 +469,7 @@ class VarShareMLP(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(
             VarShareLinear(num_tasks, a, b, std=out_std if i == len(sizes) - 2 else np.sqrt(2), **layer_kwargs)
-            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])))
+            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)))
 
     def forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -691,7 +695,8 @@ def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor
 def method_diagnostics(args: Args, agent: Agent, logger: RunLogger, global_step: int) -> dict:
     out = {}
     layers = agent.layers()
-    names = [f"critic{i}" for i in range(len(agent.critic.layers))] + [f"actor{i}" for i in range(len(agent.actor.layers))]
+    names = ([f"critic{i}" for i in range(len(agent.critic.layers))]
+             + [f"actor{i}" for i in range(len(agent.actor.layers))])
     reg_term, raw = regularizer(args, agent)
     out["varshare/reg_term"] = reg_term
     if getattr(agent, "last_ppo_loss", None) is not None:
@@ -706,7 +711,7 @@ def method_diagnostics(args: Args, agent: Agent, logger: RunLogger, global_step:
         out[f"varshare/{task}/residual_ratio"] = (mu_sq[t] / theta_sq).sqrt()
         out[f"varshare/{task}/mean_abs_mu"] = flat_mu[t].abs().mean()
         out[f"varshare/{task}/small_mu_fraction"] = (flat_mu[t].abs() < threshold).float().mean()
-        for name, layer in zip(names, layers):
+        for name, layer in zip(names, layers, strict=True):
             out[f"varshare/{task}/residual_ratio/{name}"] = layer.mu[t].norm() / layer.theta.norm()
         if agent.variational:
             out[f"varshare/{task}/kl"] = kl[t]
@@ -839,7 +844,8 @@ def main(args) -> dict:
         obs_t = torch.as_tensor(obs_np, device=device)
         eval_task_ids = torch.arange(T, device=device)[:, None].expand(T, obs_np.shape[1])
         with torch.inference_mode():
-            return agent.act_deterministic(obs_t, eval_task_ids).reshape(T * obs_np.shape[1], *action_shape).cpu().numpy()
+            actions = agent.act_deterministic(obs_t, eval_task_ids)  # [T, n, ...]
+            return actions.reshape(T * obs_np.shape[1], *action_shape).cpu().numpy()
 
     def run_evaluation(eval_env, episodes: int, step: int, final: bool, label: str = "") -> dict:
         # One pass with the deterministic policy; VarShare's --eval-sample-weights N makes this N
@@ -858,7 +864,7 @@ def main(args) -> dict:
         logger.eval(result, step, final=final)
         print(f"step {step}: eval{' ' + label if label else ''} success {result['success'].mean():.3f} "
               f"return {result['return'].mean():.1f} "
-              + " ".join(f"{n}={r:.1f}" for n, r in zip(suite.task_names, result["return"])))
+              + " ".join(f"{n}={r:.1f}" for n, r in zip(suite.task_names, result["return"], strict=True)))
         return result
 
     def final_evaluation(label: str = "") -> dict:
@@ -908,7 +914,8 @@ def main(args) -> dict:
                     final_obs = raw_obs.copy().reshape(T * k, obs_dim)
                     for i in np.flatnonzero(bootstrap):
                         final_obs[i] = info["final_obs"][i]
-                    final_obs_t = torch.as_tensor(obs_normalizer.normalize(final_obs.reshape(T, k, obs_dim)), device=device)
+                    final_obs_t = torch.as_tensor(obs_normalizer.normalize(final_obs.reshape(T, k, obs_dim)),
+                                                  device=device)
                     with torch.inference_mode():
                         final_value = agent.get_value(final_obs_t, task_ids).cpu().numpy().reshape(T * k)
                     scaled_reward = scaled_reward.reshape(T * k)
@@ -984,7 +991,8 @@ def main(args) -> dict:
             all_returns = [r for task in episode_returns for r in task]
             if all_returns:
                 logger.scalar("charts/episodic_return", np.mean(all_returns), global_step)
-            for name, task_returns, task_successes in zip(suite.task_names, episode_returns, episode_successes):
+            for name, task_returns, task_successes in zip(suite.task_names, episode_returns, episode_successes,
+                                                          strict=True):
                 if task_returns:
                     logger.scalar(f"charts/{name}/episodic_return", np.mean(task_returns), global_step)
                     if suite.success_return is None:

@@ -1,7 +1,8 @@
 """Collection overhead: rollout-phase env-steps/s of a training script divided by env-steps/s of
 the same vector env stepped with random actions, measured in one process, one after the other.
 
-    .venv/bin/python benchmarks/collection_overhead.py            # reach-v3 (ppo_single), mt3 (ppo_mtl_embed, ppo_varshare)
+    # reach-v3 (ppo_single), mt3 (ppo_mtl_embed, ppo_varshare)
+    .venv/bin/python benchmarks/collection_overhead.py
 
 The rollout phase is env + policy + bookkeeping (normalisers, buffers, episode statistics),
 timed inside the training loop (``perf`` in summary.json, first iteration skipped as warm-up).
@@ -16,7 +17,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +67,8 @@ def main() -> None:
             rows.append((env_id, script, baseline, perf["rollout_sps"], perf["rollout_sps"] / baseline,
                          perf["update_share"], perf["inference_time"] / perf["rollout_time"],
                          perf["env_time"] / perf["rollout_time"]))
-    print("| suite | script | random-action env steps/s | rollout env steps/s | ratio | update share of iteration | policy share of rollout | env.step share of rollout |")
+    print("| suite | script | random-action env steps/s | rollout env steps/s | ratio | update share of iteration "
+          "| policy share of rollout | env.step share of rollout |")
     print("|---|---|---|---|---|---|---|---|")
     for env_id, script, base, roll, ratio, share, pol, env in rows:
         print(f"| {env_id} | {script} | {base:.0f} | {roll:.0f} | {ratio:.3f} | {share:.3f} | {pol:.3f} | {env:.3f} |")

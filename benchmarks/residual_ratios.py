@@ -22,7 +22,8 @@ from read_scalars import last_scalars  # noqa: E402
 
 def main() -> None:
     runs_dir = sys.argv[1] if len(sys.argv) > 1 else "runs"
-    print("| suite | variant | seed | residual ratio per task (all layers) | actor head | inverted / others (all layers) | inverted / others (actor head) |")
+    print("| suite | variant | seed | residual ratio per task (all layers) | actor head "
+          "| inverted / others (all layers) | inverted / others (actor head) |")
     print("|---|---|---|---|---|---|---|")
     for run_dir in sorted(glob.glob(os.path.join(runs_dir, "*__ppo_varshare__*"))):
         if not os.path.exists(os.path.join(run_dir, "summary.json")):
@@ -39,7 +40,7 @@ def main() -> None:
         inverted = [t for t in args["task_names"] if t.endswith("inverted")]
         others = [t for t in args["task_names"] if t not in inverted]
 
-        def contrast(values):
+        def contrast(values, inverted=inverted, others=others):
             if not inverted or not others:
                 return "-"
             return f"{np.mean([values[t] for t in inverted]) / np.mean([values[t] for t in others]):.2f}"

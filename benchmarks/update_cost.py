@@ -27,7 +27,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from shared.scripts import load_script  # noqa: E402
-from shared.suites import SUITE_DEFAULTS, make_suite  # noqa: E402
+from shared.suites import make_suite  # noqa: E402
 
 SHAPES = {"cartpole-mt": dict(obs_dim=4, act_dim=2, discrete=True),
           "mt10": dict(obs_dim=39, act_dim=4, discrete=False)}
@@ -87,7 +87,8 @@ def main() -> None:
                         "with --estimator reparam; a variant is written name:field=value")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
-    scripts = opts.scripts or sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "algos", "ppo_*.py")))
+    scripts = opts.scripts or sorted(os.path.basename(p)[:-3]
+                                     for p in glob.glob(os.path.join(ROOT, "algos", "ppo_*.py")))
     scripts = ["ppo_mtl_embed"] + [s for s in scripts if s not in ("ppo_single", "ppo_mtl_embed")]
     if not opts.scripts:
         scripts.append("ppo_varshare:estimator=reparam")
@@ -110,7 +111,8 @@ def main() -> None:
                 timings[script].append(time.perf_counter() - tic)
         base = np.median(timings["ppo_mtl_embed"])
         n = steps["ppo_mtl_embed"][2]
-        print(f"\n{env_id}: {n} transitions per task per minibatch, {steps['ppo_mtl_embed'][1]} minibatches per iteration, "
+        print(f"\n{env_id}: {n} transitions per task per minibatch, "
+              f"{steps['ppo_mtl_embed'][1]} minibatches per iteration, "
               f"torch threads {opts.threads}, {opts.reps} interleaved rounds")
         print("| script | median ms per minibatch update | ms per iteration | ratio to ppo_mtl_embed |")
         print("|---|---|---|---|")

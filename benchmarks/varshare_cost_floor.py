@@ -91,9 +91,9 @@ def main() -> None:
         flipout = setup(varshare, env_id, shape, {})
         reparam = setup(varshare, env_id, shape, {"estimator": "reparam"})
         n = flipout[2]
-        work = {"ppo_mtl_embed update": lambda i: reference[0](i),
-                "VarShare update, Flipout": lambda i: flipout[0](i),
-                "VarShare update, reparam": lambda i: reparam[0](i)}
+        work = {"ppo_mtl_embed update": reference[0],
+                "VarShare update, Flipout": flipout[0],
+                "VarShare update, reparam": reparam[0]}
         parts = {"matmuls, ppo_mtl_embed": shared_matmul_work(reference[3], n * flipout[3].num_tasks),
                  "matmuls, Flipout": matmul_work(flipout[3], n, "flipout"),
                  "matmuls, reparam": matmul_work(flipout[3], n, "reparam"),

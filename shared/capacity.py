@@ -15,8 +15,8 @@ import os
 
 import torch
 
-from shared.scripts import load_script
 from shared.params import count_parameters, solve_width
+from shared.scripts import load_script
 from shared.suites import apply_suite_defaults, make_suite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,11 +63,12 @@ def capacity_table(env_ids: list[str]) -> str:
             counts = count_parameters(build_agent(load_script(script), env_id))
             if script == "ppo_varshare":
                 varshare_total = counts["total"]
-            lines.append(f"| {env_id} | {script} | {counts['total']:,} | {counts['active']:,} | {counts['trained_per_task']:,} |")
+            lines.append(f"| {env_id} | {script} | {counts['total']:,} | {counts['active']:,} "
+                         f"| {counts['trained_per_task']:,} |")
         if varshare_total is not None:
             width, total = matched_mtl_width(env_id, varshare_total)
-            counts = count_parameters(build_agent(load_script("ppo_mtl_embed"), env_id,
-                                                  hidden_sizes=(width,) * len(make_suite_defaults(env_id)["hidden_sizes"])))
+            depth = len(make_suite_defaults(env_id)["hidden_sizes"])
+            counts = count_parameters(build_agent(load_script("ppo_mtl_embed"), env_id, hidden_sizes=(width,) * depth))
             lines.append(f"| {env_id} | ppo_mtl_embed at width {width} (VarShare's total) | {counts['total']:,} "
                          f"| {counts['active']:,} | {counts['trained_per_task']:,} |")
     return "\n".join(lines)

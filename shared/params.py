@@ -46,7 +46,7 @@ def count_parameters(agent: torch.nn.Module) -> dict[str, int]:
 
 def mlp_count(sizes: list[int]) -> int:
     """Weights and biases of a plain MLP with layer sizes [in, h1, ..., out]."""
-    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
 
 
 def solve_width(count_at_width: Callable[[int], int], target: int, low: int = 1, high: int = 1 << 16) -> int:

@@ -29,7 +29,8 @@ def _jsonable(value):
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+    processor = platform.processor() or platform.machine()
+    return f"cpu ({processor}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -87,7 +88,7 @@ class RunLogger:
         success, ret = result["success"], result["return"]
         self.scalar("eval/success_rate", success.mean(), step)
         self.scalar("eval/return", ret.mean(), step)
-        for name, s, r in zip(self.task_names, success, ret):
+        for name, s, r in zip(self.task_names, success, ret, strict=True):
             self.scalar(f"eval/{name}/success_rate", s, step)
             self.scalar(f"eval/{name}/return", r, step)
         line = {
@@ -99,7 +100,7 @@ class RunLogger:
             "success_rate": float(success.mean()),
             "return": float(ret.mean()),
             "per_task": {n: {"success_rate": float(s), "return": float(r)}
-                         for n, s, r in zip(self.task_names, success, ret)},
+                         for n, s, r in zip(self.task_names, success, ret, strict=True)},
         }
         for key, value in result.items():
             if key not in ("success", "return", "episodes_per_task", "label"):
@@ -118,7 +119,7 @@ class RunLogger:
             "final_return": float(final_eval["return"].mean()),
             "final_episodes_per_task": final_eval["episodes_per_task"],
             "per_task": {n: {"success_rate": float(s), "return": float(r)} for n, s, r in
-                         zip(self.task_names, final_eval["success"], final_eval["return"])},
+                         zip(self.task_names, final_eval["success"], final_eval["return"], strict=True)},
             "parameter_counts": parameter_counts,
             "device": device_name(device),
             "peak_memory_mb": peak_memory_mb(device),

@@ -96,10 +96,14 @@ def _toy(env_id: str, base: str, table: dict, threshold: float, defaults: str) -
 
 
 MULTITASK_SUITES: dict[str, Callable[[], Suite]] = {
-    "cartpole-mt": lambda: _toy("cartpole-mt", "CartPole-v1", CARTPOLE_MT, CARTPOLE_SUCCESS_RETURN, "cartpole-mt"),
-    "cartpole-identical": lambda: _toy("cartpole-identical", "CartPole-v1", CARTPOLE_IDENTICAL, CARTPOLE_SUCCESS_RETURN, "cartpole-mt"),
-    "cartpole-conflict": lambda: _toy("cartpole-conflict", "CartPole-v1", CARTPOLE_CONFLICT, CARTPOLE_SUCCESS_RETURN, "cartpole-mt"),
-    "lunarlander-mt": lambda: _toy("lunarlander-mt", "LunarLander-v3", LUNARLANDER_MT, LUNARLANDER_SUCCESS_RETURN, "lunarlander-mt"),
+    "cartpole-mt": lambda: _toy("cartpole-mt", "CartPole-v1", CARTPOLE_MT, CARTPOLE_SUCCESS_RETURN,
+                                "cartpole-mt"),
+    "cartpole-identical": lambda: _toy("cartpole-identical", "CartPole-v1", CARTPOLE_IDENTICAL,
+                                       CARTPOLE_SUCCESS_RETURN, "cartpole-mt"),
+    "cartpole-conflict": lambda: _toy("cartpole-conflict", "CartPole-v1", CARTPOLE_CONFLICT,
+                                      CARTPOLE_SUCCESS_RETURN, "cartpole-mt"),
+    "lunarlander-mt": lambda: _toy("lunarlander-mt", "LunarLander-v3", LUNARLANDER_MT,
+                                   LUNARLANDER_SUCCESS_RETURN, "lunarlander-mt"),
     "mt3": lambda: Suite("mt3", MT3_TASKS, "metaworld", tuple({} for _ in MT3_TASKS), None, "mt3"),
     "mt10": lambda: Suite("mt10", MT10_TASKS, "metaworld", tuple({} for _ in MT10_TASKS), None, "mt10"),
 }
@@ -167,7 +171,8 @@ def _metaworld_task_names() -> list[str]:
 
 
 def known_env_ids() -> str:
-    return ", ".join([*MULTITASK_SUITES, "any gymnasium id (e.g. CartPole-v1)", "any Meta-World v3 task (e.g. reach-v3)"])
+    return ", ".join([*MULTITASK_SUITES, "any gymnasium id (e.g. CartPole-v1)",
+                      "any Meta-World v3 task (e.g. reach-v3)"])
 
 
 def make_suite(env_id: str) -> Suite:

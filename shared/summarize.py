@@ -46,7 +46,8 @@ def table(runs: list[dict], per_task: bool = False) -> str:
             f"| {env_id} | {algo} | {suffix or '-'} | {','.join(str(r['args']['seed']) for r in group)} "
             f"| {np.median(returns):.1f} | {' / '.join(f'{x:.1f}' for x in returns)} | {np.median(success):.2f} "
             f"| {counts['total']:,} / {counts['active']:,} / {counts['trained_per_task']:,} "
-            f"| {group[0]['summary']['global_step']:,} | {np.median([r['summary']['wall_time_s'] for r in group]):.0f} |")
+            f"| {group[0]['summary']['global_step']:,} "
+            f"| {np.median([r['summary']['wall_time_s'] for r in group]):.0f} |")
         if per_task:
             for name in group[0]["summary"]["task_names"]:
                 task_returns = [r["summary"]["per_task"][name]["return"] for r in group]

@@ -62,7 +62,8 @@ class ScriptRuns:
     def __init__(self, jobs: dict[str, dict], workers: int = 2):
         self._pool = ThreadPoolExecutor(max_workers=workers)
         self._futures: dict[str, Future] = {
-            name: self._pool.submit(run_script, job["script"], job["argv"], job.get("env")) for name, job in jobs.items()
+            name: self._pool.submit(run_script, job["script"], job["argv"], job.get("env"))
+            for name, job in jobs.items()
         }
 
     def result(self, name: str) -> subprocess.CompletedProcess:
@@ -79,4 +80,5 @@ def selected_test_names(request: pytest.FixtureRequest) -> set[str]:
 
 
 def describe(proc: subprocess.CompletedProcess) -> str:
-    return f"exit code {proc.returncode}\n--- stdout (tail)\n{proc.stdout[-3000:]}\n--- stderr (tail)\n{proc.stderr[-3000:]}"
+    return (f"exit code {proc.returncode}\n--- stdout (tail)\n{proc.stdout[-3000:]}"
+            f"\n--- stderr (tail)\n{proc.stderr[-3000:]}")

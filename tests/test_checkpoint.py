@@ -56,9 +56,9 @@ def test_checkpoint_round_trip_restores_weights_optimizer_normalisers_step_and_r
 
     assert state["global_step"] == 12345
     assert state["extra"] == {"algo": "test"}
-    for (name, p), q in zip(agent.state_dict().items(), fresh_agent.state_dict().values()):
+    for (name, p), q in zip(agent.state_dict().items(), fresh_agent.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
-    for a, b in zip(optimizer.state_dict()["state"].values(), fresh_opt.state_dict()["state"].values()):
+    for a, b in zip(optimizer.state_dict()["state"].values(), fresh_opt.state_dict()["state"].values(), strict=True):
         for key in a:
             assert torch.equal(a[key], b[key]), key
     probe = np.random.default_rng(9).normal(0, 3, (T, K, OBS_DIM))
@@ -74,7 +74,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_normalisers_step_and_r
     # The restored optimiser takes exactly the step the original would have taken.
     adam_step(agent, optimizer)
     adam_step(fresh_agent, fresh_opt)
-    for (name, p), q in zip(agent.named_parameters(), fresh_agent.parameters()):
+    for (name, p), q in zip(agent.named_parameters(), fresh_agent.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
 
 

@@ -35,6 +35,7 @@ def test_core_region_is_identical_in_every_script(part):
     for path in SCRIPTS:
         text = core_region(path, part)
         if text != reference:
-            diff = "".join(list(difflib.unified_diff(reference.splitlines(keepends=True), text.splitlines(keepends=True),
-                                                     REFERENCE.name, path.name, n=1))[:40])
+            lines = difflib.unified_diff(reference.splitlines(keepends=True), text.splitlines(keepends=True),
+                                         REFERENCE.name, path.name, n=1)
+            diff = "".join(list(lines)[:40])
             pytest.fail(f"PPO CORE {part} of {path.name} differs from {REFERENCE.name}:\n{diff}")

@@ -39,7 +39,8 @@ class FlagEnv(gym.Env):
 
 
 def make_envs(task_specs: list[tuple[int, float, int | None]], k: int) -> gym.vector.SyncVectorEnv:
-    fns = [lambda spec=spec: gym.wrappers.RecordEpisodeStatistics(FlagEnv(*spec)) for spec in task_specs for _ in range(k)]
+    fns = [lambda spec=spec: gym.wrappers.RecordEpisodeStatistics(FlagEnv(*spec))
+           for spec in task_specs for _ in range(k)]
     return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 

@@ -89,14 +89,14 @@ def test_reward_scaler_state_dict_round_trip():
     rng = np.random.default_rng(3)
     T, k = 2, 3
     original = RewardScaler(T, k, gamma=0.99)
-    for step in range(20):
+    for _ in range(20):
         original.scale(rng.normal(1.0, 1.0, (T, k)), rng.random((T, k)) < 0.1)
     restored = RewardScaler(T, k, gamma=0.5)
     restored.load_state_dict(original.state_dict())
     assert restored.gamma == 0.99
     np.testing.assert_array_equal(restored.returns, original.returns)
     np.testing.assert_array_equal(restored.std(), original.std())
-    for step in range(5):
+    for _ in range(5):
         rewards, ended = rng.normal(1.0, 1.0, (T, k)), rng.random((T, k)) < 0.3
         np.testing.assert_array_equal(restored.scale(rewards, ended), original.scale(rewards, ended))
     np.testing.assert_array_equal(restored.returns, original.returns)

@@ -90,7 +90,8 @@ def test_composed_layer_equals_explicit_per_task_layer_in_forward_and_gradients(
 def test_agent_runs_each_task_through_its_own_composed_network():
     torch.manual_seed(0)
     num_tasks, num_copies, obs_dim, act_dim = 3, 4, 5, 2
-    agent = paco.Agent(obs_dim, act_dim, discrete=False, num_tasks=num_tasks, hidden_sizes=(7, 3), num_copies=num_copies)
+    agent = paco.Agent(obs_dim, act_dim, discrete=False, num_tasks=num_tasks, hidden_sizes=(7, 3),
+                       num_copies=num_copies)
     with torch.no_grad():
         for p in agent.parameters():
             p.normal_()
@@ -196,7 +197,7 @@ def test_without_an_exploding_task_nothing_fires_and_the_update_is_the_plain_mea
                 torch.nn.utils.clip_grad_norm_(plain.parameters(), args.max_grad_norm)
                 plain_optimizer.step()
     assert agent.resets.tolist() == [0] * T and not agent.skipped.any()
-    for (name, p), q in zip(agent.named_parameters(), plain.parameters()):
+    for (name, p), q in zip(agent.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
 
 
@@ -223,7 +224,7 @@ def test_exploding_task_is_masked_and_the_healthy_update_is_exactly_the_one_with
     assert blown.skipped.tolist() == [False, False, True, False]
     assert stats["paco/masked_fraction"].item() == pytest.approx(1 / T)
     assert absent.resets.sum().item() == 0
-    for (name, p), q in zip(blown.named_parameters(), absent.parameters()):
+    for (name, p), q in zip(blown.named_parameters(), absent.parameters(), strict=True):
         if name == "w":
             keep = torch.arange(T) != 2
             assert torch.equal(p[keep], q[keep])
@@ -237,7 +238,7 @@ def test_exploding_task_is_masked_and_the_healthy_update_is_exactly_the_one_with
 def test_reset_w_is_a_dirichlet_convex_combination_of_the_healthy_tasks_w():
     coefficient_draws = []
     for seed in range(3):
-        def blow_up(losses):
+        def blow_up(losses, seed=seed):
             torch.manual_seed(seed)
             return exploding(losses, task=1)
 

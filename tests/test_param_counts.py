@@ -19,7 +19,8 @@ def test_shared_mtl_and_pcgrad_counts_match_hand_count():
         # one task: all but the other tasks' one-hot columns (H per network) and log-std rows
         assert counts["trained_per_task"] == total - (T - 1) * (2 * H + ACT)
         # at inference the task's own one-hot column (H per network) folds into the bias
-        assert counts["active"] == counts["trained_per_task"] - 2 * H == mlp_count([OBS, H, 1]) + mlp_count([OBS, H, ACT]) + ACT
+        assert counts["active"] == counts["trained_per_task"] - 2 * H
+        assert counts["active"] == mlp_count([OBS, H, 1]) + mlp_count([OBS, H, ACT]) + ACT
         learned = count_parameters(module.Agent(OBS, ACT, False, T, (H,), "learned"))
         assert learned["total"] == total + T * T
         assert learned["trained_per_task"] == total + T * T - (T - 1) * (T + ACT)

@@ -155,12 +155,12 @@ def test_update_equals_ppo_mtl_embed_when_no_task_conflicts(num_tasks, encoding,
         for agent in agents:
             zero_task_columns(agent)
     before = [p.detach().clone() for p in agents[0].parameters()]
-    for p, q in zip(agents[0].parameters(), agents[1].parameters()):
+    for p, q in zip(agents[0].parameters(), agents[1].parameters(), strict=True):
         assert torch.equal(p, q)
     mb = minibatch(agents[0], num_tasks, discrete, identical=num_tasks > 1)
     stats = one_update(pcgrad, agents[0], mb, make_args(pcgrad, task_encoding=encoding))
     reference = one_update(mtl, agents[1], mb, make_args(mtl, task_encoding=encoding))
-    for p, q, p0 in zip(agents[0].parameters(), agents[1].parameters(), before):
+    for p, q, p0 in zip(agents[0].parameters(), agents[1].parameters(), before, strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
         if p is not agents[0].task_embedding:  # the zeroed columns cut the embedding's gradient here
             assert not torch.equal(p, p0)  # the step did move the parameter
@@ -177,7 +177,7 @@ def test_update_equals_ppo_mtl_embed_when_no_task_conflicts(num_tasks, encoding,
 
 def plain_gradients(agent, mb, args):
     task_losses, _ = pcgrad.ppo_task_losses(args, agent, mb)
-    return dict(zip(agent.parameters(), torch.autograd.grad(task_losses.mean(), list(agent.parameters()))))
+    return dict(zip(agent.parameters(), torch.autograd.grad(task_losses.mean(), list(agent.parameters())), strict=True))
 
 
 def test_opposite_actor_gradients_cancel_but_task_only_entries_keep_their_plain_gradient():
@@ -234,7 +234,8 @@ def test_shared_entries_split_the_first_layer_at_the_one_hot_columns():
     learned = make_agent(pcgrad, 3, "learned", discrete=True)
     entries = pcgrad.shared_entries(onehot, onehot.actor)
     assert entries[0][0] is onehot.actor[0].weight and entries[0][1] == slice(0, OBS_DIM)
-    assert sum(p[..., cols].numel() for p, cols in entries) == sum(p.numel() for p in onehot.actor.parameters()) - 16 * 3
+    actor_size = sum(p.numel() for p in onehot.actor.parameters())
+    assert sum(p[..., cols].numel() for p, cols in entries) == actor_size - 16 * 3
     entries = pcgrad.shared_entries(learned, learned.critic)
     assert sum(p[..., cols].numel() for p, cols in entries) == sum(p.numel() for p in learned.critic.parameters())
 

@@ -155,7 +155,7 @@ def test_ppo_mtl_embed_on_mt3(runs):
 
 
 def test_tracked_run_works_with_wandb_offline(runs):
-    run_dir = finished_run(runs, "test_tracked_run_works_with_wandb_offline")
+    finished_run(runs, "test_tracked_run_works_with_wandb_offline")
     pool, dirs = runs
     offline = list(dirs["test_tracked_run_works_with_wandb_offline"].parent.rglob("offline-run-*"))
     assert offline, "no wandb offline run was written"

@@ -55,14 +55,15 @@ def test_batched_base_network_equals_the_papers_formula_module_by_module():
             h = net.task_weight[task_ids[t, b]] + net.task_bias
             p = net.route_down[0](torch.relu(f * h))
             probs = [torch.softmax(p.view(n, n), dim=-1)]
-            for l in range(1, L - 1):
-                p = net.route_down[l](torch.relu(net.route_up[l - 1](p) * f * h))
+            for depth in range(1, L - 1):
+                p = net.route_down[depth](torch.relu(net.route_up[depth - 1](p) * f * h))
                 probs.append(torch.softmax(p.view(n, n), dim=-1))
             inputs = [f] * n
-            for l in range(L):
-                outputs = [torch.relu(inputs[j] @ net.module_weight[l][j] + net.module_bias[l][j]) for j in range(n)]
-                if l < L - 1:
-                    inputs = [sum(probs[l][i, j] * outputs[j] for j in range(n)) for i in range(n)]
+            for depth in range(L):
+                outputs = [torch.relu(inputs[j] @ net.module_weight[depth][j] + net.module_bias[depth][j])
+                           for j in range(n)]
+                if depth < L - 1:
+                    inputs = [sum(probs[depth][i, j] * outputs[j] for j in range(n)) for i in range(n)]
             expected = sum(outputs[j] @ net.out_weight[j] for j in range(n)) + net.out_bias
             torch.testing.assert_close(out[t, b], expected, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(routing[:, t, b], torch.stack(probs), atol=1e-6, rtol=1e-6)

@@ -8,7 +8,13 @@ import pytest
 
 from shared.evaluate import step_success
 from shared.suites import (
-    CARTPOLE_CONFLICT, CARTPOLE_MT, InvertActions, make_suite, make_task_env_fn, make_vector_env, env_seed,
+    CARTPOLE_CONFLICT,
+    CARTPOLE_MT,
+    InvertActions,
+    env_seed,
+    make_suite,
+    make_task_env_fn,
+    make_vector_env,
 )
 
 CARTPOLE_DEFAULTS = dict(gravity=9.8, masscart=1.0, masspole=0.1, length=0.5, force_mag=10.0)

@@ -83,7 +83,8 @@ def test_network_sees_each_envs_true_task(script, tmp_path, monkeypatch):
         seen[phase] += 1
 
     module_agent = [None]
-    original = {name: getattr(module.Agent, name) for name in ("get_value", "get_action_and_value", "act_deterministic")}
+    original = {name: getattr(module.Agent, name)
+                for name in ("get_value", "get_action_and_value", "act_deterministic")}
 
     def wrap(name):
         def wrapped(self, obs, task_ids, *rest, **kw):

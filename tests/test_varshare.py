@@ -76,7 +76,7 @@ def test_batched_layer_equals_per_task_python_loop_forward_and_gradients():
         grad_out = torch.randn_like(y)
         grads = torch.autograd.grad((y * grad_out).sum(), [x, layer.theta, layer.mu, layer.bias])
         grads_ref = torch.autograd.grad((ref * grad_out).sum(), [x, layer.theta, layer.mu, layer.bias])
-        for a, b in zip(grads, grads_ref):
+        for a, b in zip(grads, grads_ref, strict=True):
             assert torch.allclose(a, b, atol=1e-5)
 
 
@@ -116,7 +116,7 @@ def test_hand_written_backward_equals_autograd(T, n, d_in, d_out, shared_bias, i
         assert torch.allclose(fused, reference, atol=1e-5)
         got = torch.autograd.grad((fused * grad_y).sum(), inputs)
         want = torch.autograd.grad((reference * grad_y).sum(), inputs, retain_graph=True)
-        for a, b in zip(got, want):
+        for a, b in zip(got, want, strict=True):
             assert a.shape == b.shape
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -218,7 +218,7 @@ def test_l2soft_at_matched_lambda_gives_varshare_mu_gradient_with_sigma_at_prior
     sigma_prior = 0.05
     var_agent, l2_agent = tiny_agent(True), tiny_agent(False)
     with torch.no_grad():
-        for lv, ll in zip(var_agent.layers(), l2_agent.layers()):
+        for lv, ll in zip(var_agent.layers(), l2_agent.layers(), strict=True):
             lv.mu.normal_(0, 0.1)
             ll.mu.copy_(lv.mu)
             lv.rho.fill_(vs.softplus_inverse(sigma_prior))  # sigma fixed at the prior
@@ -227,7 +227,7 @@ def test_l2soft_at_matched_lambda_gives_varshare_mu_gradient_with_sigma_at_prior
     reg_l2, _ = vs.regularizer(args_for(residual="l2", beta=beta, sigma_prior=sigma_prior), l2_agent)
     g_var = torch.autograd.grad(reg_var, [layer.mu for layer in var_agent.layers()])
     g_l2 = torch.autograd.grad(reg_l2, [layer.mu for layer in l2_agent.layers()])
-    for a, b in zip(g_var, g_l2):
+    for a, b in zip(g_var, g_l2, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
     # and the RL forward is the same without noise: mean weights equal
     obs = torch.randn(2, 4, 3)
@@ -247,10 +247,9 @@ def test_mean_weight_cache_follows_optimizer_steps():
     with torch.inference_mode():
         after_head = agent.actor(obs, "mean")
     with torch.no_grad():
-        fresh = torch.stack([obs[t] @ (agent.actor.layers[0].theta + agent.actor.layers[0].mu[t]) + agent.actor.layers[0].bias
-                             for t in range(2)])
-        fresh = torch.stack([torch.tanh(fresh[t]) @ (agent.actor.layers[1].theta + agent.actor.layers[1].mu[t])
-                             + agent.actor.layers[1].bias for t in range(2)])
+        first, second = agent.actor.layers[0], agent.actor.layers[1]
+        fresh = torch.stack([obs[t] @ (first.theta + first.mu[t]) + first.bias for t in range(2)])
+        fresh = torch.stack([torch.tanh(fresh[t]) @ (second.theta + second.mu[t]) + second.bias for t in range(2)])
     assert not torch.allclose(before_head, after_head)
     assert torch.allclose(after_head, fresh, atol=1e-6)
     assert before.shape == (2, 4)
@@ -385,7 +384,7 @@ def test_closed_form_regularizer_gradient_equals_autograd(residual, kl_scale):
     for p in params:
         p.grad = torch.zeros_like(p)
     vs.add_regularizer_gradient(args, agent)
-    for p, g in zip(params, expected):
+    for p, g in zip(params, expected, strict=True):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
 
 
