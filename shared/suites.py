@@ -2,7 +2,13 @@
 
 Every suite is a tuple of tasks. Toy variants are rows of parameter tables below; Meta-World
 tasks come from the ``metaworld`` package's own registration (``Meta-World/MT1``, one env per
-column, reward v2, 500-step episodes, the package's 50 fixed goals per task).
+column, reward v2, 500-step episodes, the package's 50 fixed goals per task). For a seed ``s``
+each task gets the 50 goals that the package's own vector envs would give it: on ``mt10`` those
+of ``gym.make_vec("Meta-World/MT10", seed=s)`` (one ``metaworld.MT10(seed=s)`` draw for all ten
+tasks), on the other suites those of ``gym.make_vec("Meta-World/custom-mt-envs",
+envs_list=<the suite's tasks>, seed=s)`` (task ``i`` of the suite: ``MT1(task, seed=s + i)``),
+and on a single task those of ``gym.make("Meta-World/MT1", env_name=task, seed=s)``. A task
+keeps its goals under ``--tasks`` and ``--holdout-task`` (``i`` is its index in the full suite).
 
 Layout: with ``T`` tasks and ``k`` envs per task, env column ``i`` always runs task ``i // k``.
 The vector env is built that way and never reassigns a column, so the task of every transition
@@ -12,6 +18,7 @@ is known from its column.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
@@ -53,6 +60,9 @@ LUNARLANDER_MT = {
 }
 
 MT3_TASKS = ("reach-v3", "push-v3", "pick-place-v3")
+# The tuning suite: MT3's difficulty mix (reach, push, pick-place) on tasks outside MT10. Every
+# Meta-World value (PPO defaults, each method's own knobs) is chosen here, never on MT3 or MT10.
+MT3_TUNE_TASKS = ("reach-wall-v3", "push-wall-v3", "pick-place-wall-v3")
 # Meta-World MT10 in the package's official order.
 MT10_TASKS = (
     "reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3",
@@ -95,6 +105,12 @@ def _toy(env_id: str, base: str, table: dict, threshold: float, defaults: str) -
                  threshold, defaults)
 
 
+def _metaworld(env_id: str, tasks: tuple[str, ...], goals: str, defaults: str) -> Suite:
+    # goals "MT10": the MT10 benchmark's draw; "custom": the custom-mt-envs rule, MT1 at seed + index.
+    params = tuple(dict(goals=goals, goal_seed_offset=0 if goals == "MT10" else i) for i in range(len(tasks)))
+    return Suite(env_id, tasks, "metaworld", params, None, defaults)
+
+
 MULTITASK_SUITES: dict[str, Callable[[], Suite]] = {
     "cartpole-mt": lambda: _toy("cartpole-mt", "CartPole-v1", CARTPOLE_MT, CARTPOLE_SUCCESS_RETURN,
                                 "cartpole-mt"),
@@ -104,8 +120,9 @@ MULTITASK_SUITES: dict[str, Callable[[], Suite]] = {
                                       CARTPOLE_SUCCESS_RETURN, "cartpole-mt"),
     "lunarlander-mt": lambda: _toy("lunarlander-mt", "LunarLander-v3", LUNARLANDER_MT,
                                    LUNARLANDER_SUCCESS_RETURN, "lunarlander-mt"),
-    "mt3": lambda: Suite("mt3", MT3_TASKS, "metaworld", tuple({} for _ in MT3_TASKS), None, "mt3"),
-    "mt10": lambda: Suite("mt10", MT10_TASKS, "metaworld", tuple({} for _ in MT10_TASKS), None, "mt10"),
+    "mt3-tune": lambda: _metaworld("mt3-tune", MT3_TUNE_TASKS, "custom", "mt3"),
+    "mt3": lambda: _metaworld("mt3", MT3_TASKS, "custom", "mt3"),
+    "mt10": lambda: _metaworld("mt10", MT10_TASKS, "MT10", "mt10"),
 }
 
 # Return thresholds for single gymnasium ids (their documented "solved" scores).
@@ -183,7 +200,8 @@ def make_suite(env_id: str) -> Suite:
         names = _metaworld_task_names()
         if env_id not in names:
             raise UsageError(f"unknown Meta-World task '{env_id}'; valid tasks: {', '.join(names)}")
-        return Suite(env_id, (env_id,), "metaworld", ({},), None, "metaworld-single")
+        return Suite(env_id, (env_id,), "metaworld", (dict(goals="MT1", goal_seed_offset=0),), None,
+                     "metaworld-single")
     if env_id in gym.registry:
         defaults = env_id if env_id in SUITE_DEFAULTS else "CartPole-v1"
         # No documented "solved" return: success is reported as NaN rather than a misleading 0.
@@ -248,19 +266,33 @@ def _make_gym_task(params: dict) -> gym.Env:
     return gym.wrappers.RecordEpisodeStatistics(env)
 
 
-def _make_metaworld_task(task_name: str, goal_seed: int, rng_seed: int, evaluation: bool) -> gym.Env:
+@functools.lru_cache(maxsize=4)
+def _mt10_goals(seed: int) -> dict[str, tuple]:
+    """The 50 goals per task of ``metaworld.MT10(seed=seed)``: one draw for all ten tasks."""
+    import metaworld
+
+    goals: dict[str, list] = {}
+    for task in metaworld.MT10(seed=seed).train_tasks:
+        goals.setdefault(task.env_name, []).append(task)
+    return {name: tuple(tasks) for name, tasks in goals.items()}
+
+
+def _make_metaworld_task(task_name: str, params: dict, seed: int, rng_seed: int, evaluation: bool) -> gym.Env:
     import metaworld  # noqa: F401  (registers the Meta-World/* ids)
 
     env = gym.make(
         "Meta-World/MT1",
         env_name=task_name,
-        seed=goal_seed,  # fixes the task's 50 goals: the same set for training and evaluation
+        seed=seed + params["goal_seed_offset"],  # the task's 50 goals, as the package's vector envs draw them
         reward_function_version="v2",
         max_episode_steps=METAWORLD_EPISODE_STEPS,
         terminate_on_success=evaluation,  # official protocol: an eval episode ends at success
         task_select="pseudorandom" if evaluation else "random",
         disable_env_checker=True,
     )
+    if params["goals"] == "MT10":
+        # A list of its own per env: the evaluation wrapper shuffles its list in place.
+        env.set_wrapper_attr("tasks", list(_mt10_goals(seed)[task_name]))
     if evaluation:
         # cycle through the 50 goals in a shuffled order: 50 eval episodes visit each goal once
         env.get_wrapper_attr("toggle_sample_tasks_on_reset")(True)
@@ -269,12 +301,18 @@ def _make_metaworld_task(task_name: str, goal_seed: int, rng_seed: int, evaluati
     return env
 
 
+def metaworld_goal_set(env: gym.Env) -> set[bytes]:
+    """The goals a Meta-World env draws from, as comparable bytes (tests and checks)."""
+    return {task.data for task in env.get_wrapper_attr("tasks")}
+
+
 def make_task_env_fn(suite: Suite, task: int, seed: int, env_index: int, evaluation: bool) -> Callable[[], gym.Env]:
     if suite.kind == "metaworld":
         # Meta-World ignores reset(seed=...) and treats seed 0 as "unseeded" in its custom sets:
         # derive strictly positive seeds that differ per env and between training and evaluation.
         rng_seed = 1 + seed * 100_003 + (50_000 if evaluation else 0) + env_index
-        return partial(_make_metaworld_task, suite.task_names[task], seed, rng_seed, evaluation)
+        return partial(_make_metaworld_task, suite.task_names[task], suite.task_params[task], seed, rng_seed,
+                       evaluation)
     return partial(_make_gym_task, suite.task_params[task])
 
 
