@@ -15,16 +15,27 @@ markers is byte-identical.
 
 Decisions (each a flag; default first):
 - Residuals on weights only; biases shared (--residual-bias adds residuals to biases).
-- theta initialised as the shared baseline's layers (orthogonal, CleanRL gains); mu = 0;
-  rho = --rho-init = -6.907 (sigma = 1e-3); --sigma-prior 0.03; --beta 1.0 (chosen on the
-  toy suites; see README, "VarShare hyperparameters").
+- theta initialised as the shared baseline's layers (orthogonal, CleanRL gains); mu = 0.
+- Prior std per layer, scaled with fan-in (--prior-scaling fan-in): sigma_prior_l =
+  --sigma-prior-gain / sqrt(fan_in_l), default gain 0.24. A weight noise sigma adds to a unit's
+  pre-activation a noise of std about sigma * sqrt(fan_in) * rms(x), so under this rule the noise
+  is about gain * rms(x) at every width (0.24 / sqrt(64) = 0.03, the absolute value chosen on the
+  64-wide toy suites; at MT10's 400 it is 0.012). --prior-scaling absolute --sigma-prior s gives
+  every layer s (the earlier behaviour at s = 0.03). The initial sigma is --sigma-init-ratio
+  (1/30) times the layer's prior std; args.json records the per-layer values
+  (sigma_prior_per_layer). --beta 1.0.
 - Loss: ppo_loss + beta * mean_over_tasks(KL_m) / N_m, N_m = num_envs_per_task * num_steps,
   the transitions of one task in one rollout (--kl-scale per-rollout; alternatives: sum,
   per-param). The term is added on every minibatch, matching the per-example ELBO weighting
   of a minibatch mean.
-- Gradient: the PPO loss's gradient is clipped to --max-grad-norm first, then the KL's gradient
-  is added unclipped. The KL touches only mu and rho, so it can never shrink theta's RL gradient
-  (clipping the sum would let a large KL gradient scale down theta's).
+- Gradient: the PPO loss's gradient is clipped to --max-grad-norm first (one norm over all
+  parameters, as in every method), then the KL's gradient is added, scaled by the same clip
+  coefficient c = min(1, max_grad_norm / ||g_RL||) (--reg-grad-scale rl-clip): every parameter
+  then moves along c * (g_RL + g_KL), the ELBO's gradient with beta exact, and the KL, which
+  touches only mu and rho, can never shrink theta's RL gradient (clipping the sum could).
+  --reg-grad-scale none adds the KL's gradient unscaled after the clip: the effective beta is
+  then beta / c and drifts with the RL gradient's norm (logged as varshare/effective_beta and
+  varshare/rl_clip_factor).
 - Estimator in the loss: Flipout (--estimator flipout): one eps per task, layer and minibatch,
   random sign vectors per example; --estimator reparam draws one weight per task per minibatch.
 - Acting: mean weights theta + mu_m (--rollout-weights mean). The PPO ratio then compares the
@@ -34,7 +45,7 @@ Decisions (each a flag; default first):
 - Evaluation: mean weights; --eval-sample-weights N runs N evaluations, each with one weight
   sample per task, and averages them.
 - L2Soft (--residual l2): phi_m = mu_m, penalty lambda * ||mu_m||^2 scaled exactly as the KL;
-  default lambda = beta / (2 sigma_prior^2), the matched setting (with sigma fixed at
+  default lambda = beta / (2 sigma_prior^2) per layer, the matched setting (with sigma fixed at
   sigma_prior the KL's mu-gradient is then identical). Flags that need weight noise are refused.
 - --prune-threshold t: after training, a second final evaluation with |mu| < t zeroed;
   summary.json reports the pruned fraction, both scores and the sparse stored size.
@@ -64,7 +75,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -202,10 +213,19 @@ class Args(PPOArgs):
     """variational: VarShare (Gaussian residuals, KL to the prior); l2: L2Soft (deterministic residuals, L2 penalty)"""
     beta: float = 1.0
     """weight of the KL term (ELBO weighting of one rollout's data against the prior at kl-scale per-rollout)"""
-    sigma_prior: float = 0.03
-    """standard deviation of the zero-mean Gaussian prior on every residual entry"""
-    rho_init: float = -6.907
-    """initial rho of every residual entry; sigma = softplus(rho) (-6.907 gives sigma = 1e-3)"""
+    prior_scaling: Literal["fan-in", "absolute"] = "fan-in"
+    """fan-in: a layer's prior std is --sigma-prior-gain / sqrt(fan_in), so the noise a residual adds to a
+    pre-activation does not grow with width; absolute: --sigma-prior for every layer"""
+    sigma_prior_gain: Optional[float] = None
+    """fan-in scaling: prior std of a layer = gain / sqrt(fan_in) (default 0.24: 0.03 for a 64-wide layer)"""
+    sigma_prior: Optional[float] = None
+    """absolute scaling: prior std of every residual entry (default 0.03)"""
+    sigma_init_ratio: float = 1 / 30
+    """initial sigma of every residual entry as a fraction of its layer's prior std (1/30: 1e-3 under 0.03)"""
+    reg_grad_scale: Literal["rl-clip", "none"] = "rl-clip"
+    """rl-clip: the regulariser's gradient is scaled by the RL gradient's clip coefficient, so every update
+    keeps the ELBO's ratio of RL to KL gradient (beta exact); none: added unscaled after the clip (the
+    effective beta is then beta x max(1, ||g_RL|| / max_grad_norm))"""
     kl_scale: Literal["per-rollout", "sum", "per-param"] = "per-rollout"
     """KL_m divided by the task's transitions per rollout N_m, not divided, or divided by the residual count"""
     estimator: Literal["flipout", "reparam"] = "flipout"
@@ -225,8 +245,22 @@ class Args(PPOArgs):
 OBS_NORM_PER_TASK = False  # one observation normaliser shared by all tasks
 
 
+DEFAULT_SIGMA_PRIOR_GAIN = 0.24  # fan-in scaling: 0.24 / sqrt(64) = 0.03, the value chosen on the toy suites
+DEFAULT_SIGMA_PRIOR = 0.03  # absolute scaling
+
+
 def softplus_inverse(x: float) -> float:
     return float(np.log(np.expm1(x)))
+
+
+def layer_prior_std(args: Args, fan_in: int) -> float:
+    """The prior std of one layer's residual entries. A weight noise sigma adds to a unit's
+    pre-activation a noise of std about sigma * sqrt(fan_in) * rms(x): under fan-in scaling that
+    is gain * rms(x) at every width, under absolute scaling it grows as sqrt(fan_in)."""
+    if args.prior_scaling == "absolute":
+        return args.sigma_prior if args.sigma_prior is not None else DEFAULT_SIGMA_PRIOR
+    gain = args.sigma_prior_gain if args.sigma_prior_gain is not None else DEFAULT_SIGMA_PRIOR_GAIN
+    return gain / math.sqrt(fan_in)
 
 
 # Row b holds the eight bits of the byte b as signs: bit j set -> -1, clear -> +1. One copy per
@@ -329,9 +363,11 @@ class VarShareLinear(nn.Module):
     """
 
     def __init__(self, num_tasks: int, d_in: int, d_out: int, std: float, variational: bool,
-                 rho_init: float, residual_bias: bool):
+                 sigma_prior: float, sigma_init: float, residual_bias: bool):
         super().__init__()
         self.num_tasks, self.variational = num_tasks, variational
+        self.sigma_prior = sigma_prior  # std of the zero-mean Gaussian prior on this layer's residual entries
+        rho_init = softplus_inverse(sigma_init)
         theta = torch.empty(d_out, d_in)
         torch.nn.init.orthogonal_(theta, std)  # the shared baseline's init (CleanRL gains)
         self.theta = nn.Parameter(theta.T.contiguous())  # [d_in, d_out]
@@ -465,11 +501,17 @@ class VarShareLinear(nn.Module):
 
 
 class VarShareMLP(nn.Module):
-    def __init__(self, num_tasks: int, sizes: list[int], out_std: float, **layer_kwargs):
+    def __init__(self, num_tasks: int, sizes: list[int], out_std: float, prior: Callable[[int], tuple[float, float]],
+                 **layer_kwargs):
+        """``prior(fan_in)`` gives a layer's (prior std, initial sigma)."""
         super().__init__()
-        self.layers = nn.ModuleList(
-            VarShareLinear(num_tasks, a, b, std=out_std if i == len(sizes) - 2 else np.sqrt(2), **layer_kwargs)
-            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)))
+        layers = []
+        for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            sigma_prior, sigma_init = prior(d_in)
+            std = out_std if i == len(sizes) - 2 else np.sqrt(2)
+            layers.append(VarShareLinear(num_tasks, d_in, d_out, std, sigma_prior=sigma_prior, sigma_init=sigma_init,
+                                         **layer_kwargs))
+        self.layers = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -484,11 +526,12 @@ class Agent(WeightCacheMixin):
     network's only input: task identity enters only through the residual of row t (task t)."""
 
     def __init__(self, obs_dim: int, act_dim: int, discrete: bool, num_tasks: int, hidden_sizes: tuple[int, ...],
-                 variational: bool, rho_init: float, residual_bias: bool, rollout_weights: str,
-                 estimator: str, eval_sample_weights: int):
+                 variational: bool, prior: Callable[[int], tuple[float, float]], residual_bias: bool,
+                 rollout_weights: str, estimator: str, eval_sample_weights: int):
+        """``prior(fan_in)`` gives each layer's (prior std, initial sigma)."""
         super().__init__()
         self.num_tasks, self.discrete = num_tasks, discrete
-        kw = dict(variational=variational, rho_init=rho_init, residual_bias=residual_bias)
+        kw = dict(variational=variational, prior=prior, residual_bias=residual_bias)
         self.critic = VarShareMLP(num_tasks, [obs_dim, *hidden_sizes, 1], out_std=1.0, **kw)
         self.actor = VarShareMLP(num_tasks, [obs_dim, *hidden_sizes, act_dim], out_std=0.01, **kw)
         self.actor_logstd = None if discrete else per_task(nn.Parameter(torch.zeros(num_tasks, act_dim)))
@@ -500,6 +543,10 @@ class Agent(WeightCacheMixin):
 
     def layers(self) -> list[VarShareLinear]:
         return [*self.critic.layers, *self.actor.layers]
+
+    def layer_names(self) -> list[str]:
+        return ([f"critic{i}" for i in range(len(self.critic.layers))]
+                + [f"actor{i}" for i in range(len(self.actor.layers))])
 
     def clear_weight_cache(self) -> None:
         """Called after every optimiser step, load and pruning change: the cached theta + mu is stale."""
@@ -558,18 +605,21 @@ class Agent(WeightCacheMixin):
             for layer in self.layers():
                 layer.draw_fixed_eps(ended.numel(), replace=ended.reshape(-1))
 
-    def kl_per_task(self, sigma_prior: float) -> torch.Tensor:
-        """Closed-form KL(q_m || N(0, sigma_prior^2)) summed over all residual entries, [T]."""
+    def kl_per_task(self) -> torch.Tensor:
+        """Closed-form KL(q_m || N(0, sigma_prior^2)) summed over all residual entries (each layer
+        with its own prior std), [T]."""
         kl = 0.0
         for layer in self.layers():
             for mu, rho in layer.residuals():
-                sigma = nn.functional.softplus(rho)
-                terms = torch.log(sigma_prior / sigma) + (sigma**2 + mu**2) / (2 * sigma_prior**2) - 0.5
+                sigma, prior = nn.functional.softplus(rho), layer.sigma_prior
+                terms = torch.log(prior / sigma) + (sigma**2 + mu**2) / (2 * prior**2) - 0.5
                 kl = kl + terms.flatten(1).sum(1)
         return kl
 
-    def l2_per_task(self) -> torch.Tensor:
-        return sum(mu.pow(2).flatten(1).sum(1) for layer in self.layers() for mu, _ in layer.residuals())
+    def l2_per_task(self, layer_weight: Callable[[VarShareLinear], float] = lambda layer: 1.0) -> torch.Tensor:
+        """sum over layers of layer_weight(layer) * ||mu_m||^2, [T]."""
+        return sum(layer_weight(layer) * mu.pow(2).flatten(1).sum(1)
+                   for layer in self.layers() for mu, _ in layer.residuals())
 
     def residual_count(self) -> int:
         """Residual entries of one task (mu_m only)."""
@@ -601,10 +651,15 @@ class Agent(WeightCacheMixin):
 
 def make_agent(args: Args, suite, obs_dim: int, act_dim: int, discrete: bool) -> Agent:
     variational = args.residual == "variational"
+    if args.prior_scaling == "fan-in" and args.sigma_prior is not None:
+        raise UsageError("--sigma-prior sets one absolute prior std; add --prior-scaling absolute, or give "
+                         "--sigma-prior-gain for the default fan-in scaling")
+    if args.prior_scaling == "absolute" and args.sigma_prior_gain is not None:
+        raise UsageError("--sigma-prior-gain applies to --prior-scaling fan-in; use --sigma-prior with absolute")
     if not variational:
         ignored = {"estimator": args.estimator != "flipout", "rollout_weights": args.rollout_weights != "mean",
                    "eval_sample_weights": args.eval_sample_weights != 0,
-                   "rho_init": args.rho_init != Args.rho_init}
+                   "sigma_init_ratio": args.sigma_init_ratio != Args.sigma_init_ratio}
         for flag, given in ignored.items():
             if given:
                 raise UsageError(f"--{flag.replace('_', '-')} needs weight noise and does nothing with "
@@ -612,16 +667,31 @@ def make_agent(args: Args, suite, obs_dim: int, act_dim: int, discrete: bool) ->
     elif args.l2_lambda is not None:
         raise UsageError("--l2-lambda applies to --residual l2 only; VarShare is weighted by --beta")
     if not variational and args.l2_lambda is not None:
-        for flag in ("beta", "sigma_prior"):
+        for flag in ("beta", "sigma_prior", "sigma_prior_gain"):
             if getattr(args, flag) != getattr(Args, flag):
                 raise UsageError(f"--{flag.replace('_', '-')} does nothing when --l2-lambda is given (L2Soft's "
                                  f"default lambda is beta / (2 sigma_prior^2)); drop one of them")
-    if args.sigma_prior <= 0:
-        raise UsageError(f"--sigma-prior must be positive, got {args.sigma_prior}")
-    if args.beta < 0 or args.eval_sample_weights < 0:
+    for flag in ("sigma_prior", "sigma_prior_gain", "sigma_init_ratio"):
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
+    if not (math.isfinite(args.beta) and args.beta >= 0) or args.eval_sample_weights < 0:
         raise UsageError("--beta and --eval-sample-weights must be non-negative")
-    return Agent(obs_dim, act_dim, discrete, suite.num_tasks, args.hidden_sizes, variational, args.rho_init,
-                 args.residual_bias, args.rollout_weights, args.estimator, args.eval_sample_weights)
+
+    def prior(fan_in: int) -> tuple[float, float]:
+        sigma_prior = layer_prior_std(args, fan_in)
+        return sigma_prior, args.sigma_init_ratio * sigma_prior
+
+    agent = Agent(obs_dim, act_dim, discrete, suite.num_tasks, args.hidden_sizes, variational, prior,
+                  args.residual_bias, args.rollout_weights, args.estimator, args.eval_sample_weights)
+    # args.json records the resolved per-layer values next to the flags (shared.runlog reads `derived`).
+    names = agent.layer_names()
+    args.derived = {"sigma_prior_per_layer": {n: layer.sigma_prior for n, layer in zip(names, agent.layers(),
+                                                                                        strict=True)}}
+    if not variational:
+        args.derived["l2_lambda_per_layer"] = {n: l2_layer_lambda(args, layer)
+                                               for n, layer in zip(names, agent.layers(), strict=True)}
+    return agent
 
 
 def make_optimizer(args: Args, agent: Agent) -> torch.optim.Optimizer:
@@ -632,71 +702,90 @@ def select_run_tasks(args: Args, suite):
     return select_tasks(suite, args.tasks, args.holdout_task)
 
 
+def l2_layer_lambda(args: Args, layer: VarShareLinear) -> float:
+    """L2Soft's lambda on one layer: --l2-lambda, or the matched beta / (2 sigma_prior^2) of the
+    layer's prior std (with sigma fixed at the prior, the KL's mu-gradient is then identical)."""
+    return args.l2_lambda if args.l2_lambda is not None else args.beta / (2 * layer.sigma_prior**2)
+
+
 def regularizer(args: Args, agent: Agent) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scaled term of the loss, raw per-task value [T]): beta * KL or lambda * ||mu||^2, mean
-    over tasks, scaled by --kl-scale. The update adds its gradient in closed form
-    (add_regularizer_gradient); this autograd version gives the logged values and the tests' reference."""
-    raw = agent.kl_per_task(args.sigma_prior) if args.residual == "variational" else agent.l2_per_task()
-    return regularizer_scale(args, agent) * raw.mean(), raw
+    """(scaled term of the loss, raw per-task value [T]): beta * KL or sum_l lambda_l * ||mu_l||^2,
+    mean over tasks, scaled by --kl-scale. The raw value is KL_m, or ||mu_m||^2 for L2Soft. The
+    update adds the term's gradient in closed form (add_regularizer_gradient); this autograd
+    version gives the logged values and the tests' reference."""
+    if args.residual == "variational":
+        raw = agent.kl_per_task()
+        return regularizer_scale(args, agent) * args.beta * raw.mean(), raw
+    weighted = agent.l2_per_task(lambda layer: l2_layer_lambda(args, layer))
+    return regularizer_scale(args, agent) * weighted.mean(), agent.l2_per_task()
 
 
 def regularizer_scale(args: Args, agent: Agent) -> float:
-    """The factor in front of mean_over_tasks(KL_m) (or of ||mu_m||^2 for L2Soft) in the loss."""
-    if args.residual == "variational":
-        weight = args.beta
-    else:
-        weight = args.l2_lambda if args.l2_lambda is not None else args.beta / (2 * args.sigma_prior**2)
+    """--kl-scale: the factor in front of mean_over_tasks(beta * KL_m) (or of the L2 penalty)."""
     if args.kl_scale == "per-rollout":
-        return weight / (args.num_envs_per_task * args.num_steps)  # N_m: one task's transitions per rollout
+        return 1.0 / (args.num_envs_per_task * args.num_steps)  # N_m: one task's transitions per rollout
     if args.kl_scale == "per-param":
-        return weight / agent.residual_count()
-    return weight
+        return 1.0 / agent.residual_count()
+    return 1.0
 
 
 @torch.no_grad()
-def add_regularizer_gradient(args: Args, agent: Agent) -> None:
-    """Add the gradient of ``regularizer`` to mu.grad and rho.grad in closed form.
+def add_regularizer_gradient(args: Args, agent: Agent, scale: torch.Tensor | float = 1.0) -> None:
+    """Add ``scale`` times the gradient of ``regularizer`` to mu.grad and rho.grad in closed form.
 
     Same numbers as autograd through ``regularizer`` (a test checks it) at a fraction of the
     cost: the KL's value is not needed for the update, and its gradient is elementwise:
-    dKL/dmu = mu / sigma_prior^2, dKL/drho = (sigma / sigma_prior^2 - 1 / sigma) * sigmoid(rho)."""
+    dKL/dmu = mu / sigma_prior^2, dKL/drho = (sigma / sigma_prior^2 - 1 / sigma) * sigmoid(rho),
+    with each layer's own sigma_prior. ``scale`` may be a 0-d tensor (no device sync)."""
     c = regularizer_scale(args, agent) / agent.num_tasks  # the mean over tasks
-    inv_prior_var = 1.0 / args.sigma_prior**2
     for layer in agent.layers():
         for mu, rho in layer.residuals():
             for p in (mu, rho):
                 if p is not None and p.grad is None:
                     p.grad = torch.zeros_like(p)
             if args.residual == "variational":
-                mu.grad.add_(mu, alpha=c * inv_prior_var)
+                prior_var = layer.sigma_prior**2
+                mu_grad = mu * (c * args.beta / prior_var)
                 sigma, slope = (layer.sigma_and_slope() if rho is layer.rho
                                 else (nn.functional.softplus(rho), torch.sigmoid(rho)))
-                rho.grad.addcmul_(torch.sub(sigma, sigma.reciprocal(), alpha=1.0 / inv_prior_var), slope,
-                                  value=c * inv_prior_var)
+                rho_grad = torch.sub(sigma, sigma.reciprocal(), alpha=prior_var).mul_(slope)
+                rho_grad.mul_(c * args.beta / prior_var)
+                if not (isinstance(scale, float) and scale == 1.0):
+                    mu_grad.mul_(scale)
+                    rho_grad.mul_(scale)
+                mu.grad.add_(mu_grad)
+                rho.grad.add_(rho_grad)
             else:
-                mu.grad.add_(mu, alpha=2.0 * c)
+                mu_grad = mu * (2.0 * c * l2_layer_lambda(args, layer))
+                if not (isinstance(scale, float) and scale == 1.0):
+                    mu_grad.mul_(scale)
+                mu.grad.add_(mu_grad)
 
 
 def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor, info: dict) -> dict:
     """Clip the RL gradient, then add the regulariser's gradient (it lives on mu and rho only, so
-    it can never shrink theta's RL gradient), then step."""
+    it can never shrink theta's RL gradient), then step. With --reg-grad-scale rl-clip the
+    regulariser's gradient is scaled by the same clip coefficient as the RL gradient."""
     ppo_loss = task_losses.mean()
     optimizer.zero_grad(set_to_none=True)  # backward then stores its gradients without a zero-fill and an add
     ppo_loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-    add_regularizer_gradient(args, agent)
+    clip_coef = torch.clamp(args.max_grad_norm / (grad_norm + 1e-6), max=1.0)  # what the clip multiplied by
+    add_regularizer_gradient(args, agent, clip_coef if args.reg_grad_scale == "rl-clip" else 1.0)
     optimizer.step()
     agent.clear_weight_cache()
     agent.last_ppo_loss = ppo_loss.detach()  # for the regulariser-to-PPO ratio in the diagnostics
-    return {"losses/grad_norm": grad_norm}
+    stats = {"losses/grad_norm": grad_norm, "varshare/rl_clip_factor": 1.0 / clip_coef}
+    if agent.variational:  # the beta the update really applies, relative to the RL gradient it meets
+        stats["varshare/effective_beta"] = args.beta if args.reg_grad_scale == "rl-clip" else args.beta / clip_coef
+    return stats
 
 
 @torch.no_grad()
 def method_diagnostics(args: Args, agent: Agent, logger: RunLogger, global_step: int) -> dict:
     out = {}
     layers = agent.layers()
-    names = ([f"critic{i}" for i in range(len(agent.critic.layers))]
-             + [f"actor{i}" for i in range(len(agent.actor.layers))])
+    names = agent.layer_names()
     reg_term, raw = regularizer(args, agent)
     out["varshare/reg_term"] = reg_term
     if getattr(agent, "last_ppo_loss", None) is not None:

@@ -62,6 +62,8 @@ class RunLogger:
                 self.run_name = f"{base}__{attempt}"
         config = {k: _jsonable(v) for k, v in dataclasses.asdict(args).items()}
         config.update(algo=algo, task_names=list(task_names), run_name=self.run_name)
+        # Values a script derives from its flags (VarShare's per-layer prior std) are recorded beside them.
+        config.update({k: _jsonable(v) for k, v in getattr(args, "derived", {}).items()})
         with open(os.path.join(self.dir, "args.json"), "w") as f:
             json.dump(config, f, indent=2)
         self.wandb = None

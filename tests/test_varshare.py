@@ -15,10 +15,15 @@ from tests.conftest import load_script
 vs = load_script("ppo_varshare")
 
 
+def fixed_prior(sigma_prior=0.1, rho_init=-2.0):
+    """Every layer gets this prior std and initial sigma = softplus(rho_init)."""
+    return lambda fan_in: (sigma_prior, math.log1p(math.exp(rho_init)))
+
+
 def make_layer(T=3, d_in=5, d_out=4, variational=True, residual_bias=False, seed=0):
     torch.manual_seed(seed)
-    layer = vs.VarShareLinear(T, d_in, d_out, std=1.0, variational=variational, rho_init=-2.0,
-                              residual_bias=residual_bias)
+    sigma_prior, sigma_init = fixed_prior()(d_in)
+    layer = vs.VarShareLinear(T, d_in, d_out, 1.0, variational, sigma_prior, sigma_init, residual_bias)
     with torch.no_grad():
         layer.mu.normal_(0, 0.3)
         if layer.mu_bias is not None:
@@ -27,7 +32,7 @@ def make_layer(T=3, d_in=5, d_out=4, variational=True, residual_bias=False, seed
 
 
 def args_for(**overrides):
-    base = dict(residual="variational", beta=1.0, sigma_prior=0.1, l2_lambda=None, kl_scale="per-rollout",
+    base = dict(residual="variational", beta=1.0, l2_lambda=None, kl_scale="per-rollout", reg_grad_scale="rl-clip",
                 num_envs_per_task=2, num_steps=8, max_grad_norm=0.5)
     base.update(overrides)
     return types.SimpleNamespace(**base)
@@ -36,13 +41,13 @@ def args_for(**overrides):
 def test_closed_form_kl_matches_monte_carlo_and_vanishes_at_the_prior():
     torch.manual_seed(1)
     sigma_prior = 0.1
-    agent = vs.Agent(3, 2, True, num_tasks=2, hidden_sizes=(4,), variational=True, rho_init=-2.0,
+    agent = vs.Agent(3, 2, True, num_tasks=2, hidden_sizes=(4,), variational=True, prior=fixed_prior(sigma_prior),
                      residual_bias=False, rollout_weights="mean", estimator="flipout", eval_sample_weights=0)
     with torch.no_grad():
         for layer in agent.layers():
             layer.mu.normal_(0, 0.05)
             layer.rho.uniform_(-4, -1)
-    kl = agent.kl_per_task(sigma_prior)  # [T]
+    kl = agent.kl_per_task()  # [T]
     # Monte Carlo: E_q[log q(phi) - log p(phi)] with many samples
     samples = 20000
     mc = torch.zeros(2, dtype=torch.float64)
@@ -58,11 +63,12 @@ def test_closed_form_kl_matches_monte_carlo_and_vanishes_at_the_prior():
         for layer in agent.layers():
             layer.mu.zero_()
             layer.rho.fill_(vs.softplus_inverse(sigma_prior))
-    assert agent.kl_per_task(sigma_prior).abs().max() < 1e-3  # float32 softplus round trip
+    assert agent.kl_per_task().abs().max() < 1e-3  # float32 softplus round trip
     with torch.no_grad():  # exactly zero when sigma equals sigma_prior exactly
         for layer in agent.layers():
             layer.rho.fill_(0.0)
-    exact = agent.kl_per_task(math.log1p(math.e**0.0))
+            layer.sigma_prior = math.log1p(math.e**0.0)
+    exact = agent.kl_per_task()
     assert torch.equal(exact, torch.zeros(2))
 
 
@@ -134,7 +140,7 @@ def test_random_signs_are_balanced_and_independent():
 def replicated(layer, copies):
     """The same layer with every task repeated ``copies`` times: one call = ``copies`` independent draws."""
     T, d_in, d_out = layer.mu.shape
-    big = vs.VarShareLinear(T * copies, d_in, d_out, std=1.0, variational=True, rho_init=-2.0, residual_bias=False)
+    big = vs.VarShareLinear(T * copies, d_in, d_out, 1.0, True, *fixed_prior()(d_in), False)
     with torch.no_grad():
         big.theta.copy_(layer.theta)
         big.bias.copy_(layer.bias)
@@ -167,9 +173,11 @@ def test_flipout_mean_variance_and_decorrelation():
 
 
 def tiny_agent(variational=True, T=2):
+    """Each layer with its own prior std (fan-in scaled), as the script builds them by default."""
     torch.manual_seed(0)
-    return vs.Agent(3, 2, True, num_tasks=T, hidden_sizes=(5,), variational=variational, rho_init=-5.0,
-                    residual_bias=False, rollout_weights="mean", estimator="flipout", eval_sample_weights=0)
+    return vs.Agent(3, 2, True, num_tasks=T, hidden_sizes=(5,), variational=variational,
+                    prior=lambda fan_in: (0.1 / math.sqrt(fan_in), 0.007), residual_bias=False,
+                    rollout_weights="mean", estimator="flipout", eval_sample_weights=0)
 
 
 def rl_loss(agent):
@@ -206,7 +214,7 @@ def test_kl_gradient_is_added_after_clipping_and_never_touches_theta():
     agent = tiny_agent()
     opt = torch.optim.SGD(agent.parameters(), lr=0.0)
     losses = rl_loss(agent)
-    vs.method_update(args_for(beta=1e4, max_grad_norm=1e-3), agent, opt, losses, {})
+    vs.method_update(args_for(beta=1e4, max_grad_norm=1e-3, reg_grad_scale="none"), agent, opt, losses, {})
     theta_grads = torch.cat([layer.theta.grad.flatten() for layer in agent.layers()])
     # theta's gradient is the clipped RL gradient alone: its norm is at most the clip
     assert theta_grads.norm() <= 1e-3 + 1e-6
@@ -214,17 +222,40 @@ def test_kl_gradient_is_added_after_clipping_and_never_touches_theta():
     assert rho_grads.norm() > 1.0  # the huge KL gradient was added unclipped to the residuals
 
 
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 1e3])
+def test_rl_clip_scaling_keeps_the_elbo_ratio_of_rl_to_kl_gradient(max_grad_norm):
+    """--reg-grad-scale rl-clip: every parameter's gradient is c * (g_RL + g_KL) with the one
+    clip coefficient c = min(1, max_grad_norm / ||g_RL||) that the RL gradient alone sets."""
+    agent = tiny_agent()
+    with torch.no_grad():
+        for layer in agent.layers():
+            layer.mu.normal_(0, 0.05)
+    args = args_for(beta=3.0, max_grad_norm=max_grad_norm)
+    params = list(agent.parameters())
+    losses = rl_loss(agent)
+    g_rl = torch.autograd.grad(losses.mean(), params, retain_graph=True)
+    reg, _ = vs.regularizer(args, agent)
+    g_reg = torch.autograd.grad(reg, params, allow_unused=True)
+    c = min(1.0, max_grad_norm / float(torch.cat([g.flatten() for g in g_rl]).norm()))
+    stats = vs.method_update(args, agent, torch.optim.SGD(params, lr=0.0), losses, {})
+    for p, a, b in zip(params, g_rl, g_reg, strict=True):
+        expected = c * (a + (0 if b is None else b))
+        assert torch.allclose(p.grad, expected, rtol=1e-4, atol=1e-7), p.shape
+    assert float(stats["varshare/rl_clip_factor"]) == pytest.approx(1 / c, rel=1e-4)
+    assert float(stats["varshare/effective_beta"]) == 3.0
+
+
 def test_l2soft_at_matched_lambda_gives_varshare_mu_gradient_with_sigma_at_prior():
-    sigma_prior = 0.05
     var_agent, l2_agent = tiny_agent(True), tiny_agent(False)
     with torch.no_grad():
         for lv, ll in zip(var_agent.layers(), l2_agent.layers(), strict=True):
             lv.mu.normal_(0, 0.1)
             ll.mu.copy_(lv.mu)
-            lv.rho.fill_(vs.softplus_inverse(sigma_prior))  # sigma fixed at the prior
+            lv.rho.fill_(vs.softplus_inverse(lv.sigma_prior))  # sigma fixed at the layer's prior
+    assert len({layer.sigma_prior for layer in var_agent.layers()}) == 2  # fan-in 3 and fan-in 5
     beta = 0.7
-    reg_var, _ = vs.regularizer(args_for(beta=beta, sigma_prior=sigma_prior), var_agent)
-    reg_l2, _ = vs.regularizer(args_for(residual="l2", beta=beta, sigma_prior=sigma_prior), l2_agent)
+    reg_var, _ = vs.regularizer(args_for(beta=beta), var_agent)
+    reg_l2, _ = vs.regularizer(args_for(residual="l2", beta=beta), l2_agent)
     g_var = torch.autograd.grad(reg_var, [layer.mu for layer in var_agent.layers()])
     g_l2 = torch.autograd.grad(reg_l2, [layer.mu for layer in l2_agent.layers()])
     for a, b in zip(g_var, g_l2, strict=True):
@@ -276,7 +307,7 @@ def test_modes_follow_autograd_training_and_eval_state():
 
 def test_episode_rollout_weights_redraw_only_for_ended_envs():
     torch.manual_seed(0)
-    agent = vs.Agent(3, 2, True, num_tasks=2, hidden_sizes=(5,), variational=True, rho_init=-1.0,
+    agent = vs.Agent(3, 2, True, num_tasks=2, hidden_sizes=(5,), variational=True, prior=fixed_prior(0.1, -1.0),
                      residual_bias=False, rollout_weights="episode", estimator="flipout", eval_sample_weights=0)
     obs = torch.randn(2, 3, 3)  # T=2 tasks, k=3 envs
     task_ids = torch.arange(2)[:, None].expand(-1, 3)
@@ -308,7 +339,7 @@ def test_episode_rollout_weights_redraw_only_for_ended_envs():
 
 def test_each_sampled_evaluation_pass_draws_new_weights():
     torch.manual_seed(0)
-    agent = vs.Agent(3, 2, True, num_tasks=2, hidden_sizes=(5,), variational=True, rho_init=-1.0,
+    agent = vs.Agent(3, 2, True, num_tasks=2, hidden_sizes=(5,), variational=True, prior=fixed_prior(0.1, -1.0),
                      residual_bias=False, rollout_weights="mean", estimator="flipout", eval_sample_weights=2)
     obs = torch.randn(2, 1, 3)
     outputs = []
@@ -351,7 +382,8 @@ def test_l2_refuses_flags_that_need_weight_noise():
     from shared.cli import UsageError
 
     args = types.SimpleNamespace(residual="l2", estimator="reparam", rollout_weights="mean", eval_sample_weights=0,
-                                 l2_lambda=None, sigma_prior=0.1, beta=1.0, hidden_sizes=(4,), rho_init=-5.0,
+                                 l2_lambda=None, prior_scaling="fan-in", sigma_prior=None, sigma_prior_gain=None,
+                                 sigma_init_ratio=vs.Args.sigma_init_ratio, beta=1.0, hidden_sizes=(4,),
                                  residual_bias=False)
     suite = types.SimpleNamespace(num_tasks=2)
     with pytest.raises(UsageError, match="estimator"):
@@ -360,8 +392,7 @@ def test_l2_refuses_flags_that_need_weight_noise():
     with pytest.raises(UsageError, match="l2-lambda"):
         vs.make_agent(args, suite, 3, 2, True)
     # L2Soft with an explicit --l2-lambda: --beta and --sigma-prior would be silently unused
-    args = types.SimpleNamespace(**{**vars(args), "residual": "l2", "l2_lambda": 1.0, "rho_init": vs.Args.rho_init,
-                                    "sigma_prior": vs.Args.sigma_prior, "beta": 2.0})
+    args = types.SimpleNamespace(**{**vars(args), "residual": "l2", "l2_lambda": 1.0, "beta": 2.0})
     with pytest.raises(UsageError, match="--beta does nothing"):
         vs.make_agent(args, suite, 3, 2, True)
     args.beta = vs.Args.beta
@@ -377,7 +408,7 @@ def test_closed_form_regularizer_gradient_equals_autograd(residual, kl_scale):
             layer.mu.normal_(0, 0.1)
             if layer.rho is not None:
                 layer.rho.uniform_(-6, 0)
-    args = args_for(residual=residual, kl_scale=kl_scale, beta=0.3, sigma_prior=0.05)
+    args = args_for(residual=residual, kl_scale=kl_scale, beta=0.3)
     params = [p for layer in agent.layers() for pair in layer.residuals() for p in pair if p is not None]
     reg, _ = vs.regularizer(args, agent)
     expected = torch.autograd.grad(reg, params)
@@ -390,7 +421,7 @@ def test_closed_form_regularizer_gradient_equals_autograd(residual, kl_scale):
 
 def test_evaluation_keeps_the_rollouts_per_episode_samples_and_prunes_sampled_weights():
     torch.manual_seed(0)
-    agent = vs.Agent(3, 2, True, num_tasks=2, hidden_sizes=(5,), variational=True, rho_init=-1.0,
+    agent = vs.Agent(3, 2, True, num_tasks=2, hidden_sizes=(5,), variational=True, prior=fixed_prior(0.1, -1.0),
                      residual_bias=False, rollout_weights="episode", estimator="flipout", eval_sample_weights=2)
     obs = torch.randn(2, 3, 3)
     task_ids = torch.arange(2)[:, None].expand(-1, 3)
@@ -410,3 +441,51 @@ def test_evaluation_keeps_the_rollouts_per_episode_samples_and_prunes_sampled_we
             y = layer(obs[:, :1], "fixed")
             assert torch.allclose(y, obs[:, :1] @ layer.theta + layer.bias, atol=1e-6)
     agent.train()
+
+
+def noise_std_at_preactivation(args, width, samples=4000):
+    """Std of the Flipout noise one hidden layer (fan-in = width) adds to its pre-activations, with
+    every sigma at the layer's prior std and inputs of unit rms."""
+    torch.manual_seed(0)
+    sigma_prior = vs.layer_prior_std(args, width)
+    layer = vs.VarShareLinear(1, width, 8, 1.0, True, sigma_prior, sigma_prior, False)
+    x = torch.randn(1, samples, width)
+    with torch.no_grad():
+        return float((layer(x, "flipout") - layer(x, "mean")).std())
+
+
+def test_fan_in_prior_keeps_the_preactivation_noise_constant_across_widths():
+    fan_in = types.SimpleNamespace(prior_scaling="fan-in", sigma_prior_gain=None, sigma_prior=None)
+    absolute = types.SimpleNamespace(prior_scaling="absolute", sigma_prior_gain=None, sigma_prior=None)
+    assert vs.layer_prior_std(fan_in, 64) == pytest.approx(0.03)  # the toy width keeps the old default
+    assert vs.layer_prior_std(fan_in, 400) == pytest.approx(0.012)
+    assert vs.layer_prior_std(absolute, 400) == 0.03
+    narrow, wide = noise_std_at_preactivation(fan_in, 64), noise_std_at_preactivation(fan_in, 400)
+    assert narrow == pytest.approx(0.24, rel=0.1) and wide == pytest.approx(narrow, rel=0.1)
+    grows = noise_std_at_preactivation(absolute, 400) / noise_std_at_preactivation(absolute, 64)
+    assert grows == pytest.approx(math.sqrt(400 / 64), rel=0.1)
+
+
+def test_make_agent_records_per_layer_priors_and_refuses_mixed_scalings():
+    from shared.cli import UsageError
+
+    args = types.SimpleNamespace(residual="variational", estimator="flipout", rollout_weights="mean",
+                                 eval_sample_weights=0, l2_lambda=None, prior_scaling="fan-in", sigma_prior=None,
+                                 sigma_prior_gain=0.5, sigma_init_ratio=0.1, beta=1.0, hidden_sizes=(16, 4),
+                                 residual_bias=False)
+    suite = types.SimpleNamespace(num_tasks=2)
+    agent = vs.make_agent(args, suite, 9, 2, True)
+    expected = {"critic0": 0.5 / 3, "critic1": 0.5 / 4, "critic2": 0.25, "actor0": 0.5 / 3, "actor1": 0.5 / 4,
+                "actor2": 0.25}
+    assert args.derived["sigma_prior_per_layer"] == pytest.approx(expected)
+    first = agent.actor.layers[0]
+    assert float(first.sigma().mean()) == pytest.approx(0.1 * 0.5 / 3, rel=1e-4)  # the initial sigma ratio
+    with pytest.raises(UsageError, match="--prior-scaling absolute"):
+        vs.make_agent(types.SimpleNamespace(**{**vars(args), "sigma_prior": 0.03}), suite, 9, 2, True)
+    with pytest.raises(UsageError, match="--sigma-prior-gain applies"):
+        vs.make_agent(types.SimpleNamespace(**{**vars(args), "prior_scaling": "absolute"}), suite, 9, 2, True)
+    with pytest.raises(UsageError, match="positive number"):
+        vs.make_agent(types.SimpleNamespace(**{**vars(args), "sigma_prior_gain": float("nan")}), suite, 9, 2, True)
+    l2 = types.SimpleNamespace(**{**vars(args), "residual": "l2", "sigma_init_ratio": vs.Args.sigma_init_ratio})
+    vs.make_agent(l2, suite, 9, 2, True)
+    assert l2.derived["l2_lambda_per_layer"]["critic2"] == pytest.approx(1.0 / (2 * 0.25**2))

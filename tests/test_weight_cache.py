@@ -13,7 +13,7 @@ T, N, OBS = 2, 3, 3
 
 def agents():
     torch.manual_seed(0)
-    yield vs.Agent(OBS, 2, True, num_tasks=T, hidden_sizes=(5,), variational=True, rho_init=-3.0,
+    yield vs.Agent(OBS, 2, True, num_tasks=T, hidden_sizes=(5,), variational=True, prior=lambda fan_in: (0.1, 0.05),
                    residual_bias=False, rollout_weights="mean", estimator="flipout", eval_sample_weights=0)
     yield paco.Agent(OBS, 2, True, num_tasks=T, hidden_sizes=(5,), num_copies=2)
 
