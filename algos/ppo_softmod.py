@@ -95,6 +95,7 @@ from shared.cli import TrainingDiverged, UsageError, check_budget, check_positiv
 from shared.evaluate import evaluate, finished_episodes, step_success
 from shared.normalize import ObsNormalizer, RewardScaler
 from shared.params import count_parameters, per_task
+from shared.progress import Progress
 from shared.runlog import RunLogger
 from shared.suites import (
     SUITE_DEFAULTS,
@@ -499,6 +500,7 @@ def main(args) -> dict:
     torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
+    print(f"{args.env_id} {ALGO} seed {args.seed}: building {T * k} training and {T} evaluation envs", flush=True)
     envs, column_tasks = make_vector_env(suite, k, args.seed, args.async_envs)
     eval_envs, _ = make_vector_env(suite, 1, args.seed, args.async_envs, evaluation=True)
     obs_dim, act_dim, discrete = space_dims(envs)
@@ -511,6 +513,7 @@ def main(args) -> dict:
     parameter_counts = count_parameters(agent)
     print(f"{logger.run_name}: {T} tasks x {k} envs, {num_iterations} iterations of {batch_size} steps, "
           f"parameters {parameter_counts}, device {device}")
+    progress = Progress(f"{args.env_id} {ALGO} seed {args.seed}", num_iterations * batch_size)
 
     # Rollout storage, task-major: [S, T, k, ...]. task_ids[t, j] = t is each column's true task.
     task_ids = torch.as_tensor(column_tasks.reshape(T, k), device=device)  # [T, k]
@@ -575,6 +578,7 @@ def main(args) -> dict:
             rollout_start = time.perf_counter()
             for step in range(S):
                 global_step += T * k
+                progress.tick(global_step, "collecting")
                 obs_buf[step] = next_obs
                 tic = time.perf_counter()
                 with torch.inference_mode():
@@ -646,6 +650,7 @@ def main(args) -> dict:
                     for key, value in stats.items():  # summed as tensors: no device sync per minibatch
                         stats_sum[key] = stats_sum.get(key, 0.0) + value
                     num_updates += 1
+                    progress.tick(global_step, "updating")
                     if args.target_kl is not None and float(stats["losses/approx_kl"]) > args.target_kl:
                         stop_early = True
                         break
@@ -672,6 +677,9 @@ def main(args) -> dict:
             logger.scalar("perf/update_time", update_time, global_step)
             logger.scalar("perf/rollout_sps", batch_size / rollout_time, global_step)
             all_returns = [r for task in episode_returns for r in task]
+            progress.phase_times(rollout_time, update_time)
+            progress.episodes(all_returns, None if suite.success_return is not None
+                              else [s for task in episode_successes for s in task])
             if all_returns:
                 logger.scalar("charts/episodic_return", np.mean(all_returns), global_step)
             for name, task_returns, task_successes in zip(suite.task_names, episode_returns, episode_successes,

@@ -266,38 +266,47 @@ def _make_gym_task(params: dict) -> gym.Env:
     return gym.wrappers.RecordEpisodeStatistics(env)
 
 
-@functools.lru_cache(maxsize=4)
-def _mt10_goals(seed: int) -> dict[str, tuple]:
-    """The 50 goals per task of ``metaworld.MT10(seed=seed)``: one draw for all ten tasks."""
+@functools.lru_cache(maxsize=None)
+def _mt10_draw(seed: int) -> tuple:
     import metaworld
 
-    goals: dict[str, list] = {}
-    for task in metaworld.MT10(seed=seed).train_tasks:
-        goals.setdefault(task.env_name, []).append(task)
-    return {name: tuple(tasks) for name, tasks in goals.items()}
+    return tuple(metaworld.MT10(seed=seed).train_tasks)
+
+
+@functools.lru_cache(maxsize=None)
+def _task_goals(task_name: str, goals: str, seed: int) -> tuple:
+    """The task's 50 goals: from ``metaworld.MT10(seed)`` (one draw for all ten tasks) or from
+    ``metaworld.MT1(task, seed)``, exactly as the package's vector envs build them. Cached per
+    process: drawing goals builds the env and resets it 50 times, and every column of a task
+    (training, evaluation, the final evaluation) needs the same list."""
+    import metaworld
+
+    if goals == "MT10":
+        return tuple(task for task in _mt10_draw(seed) if task.env_name == task_name)
+    return tuple(metaworld.MT1(task_name, seed=seed).train_tasks)
 
 
 def _make_metaworld_task(task_name: str, params: dict, seed: int, rng_seed: int, evaluation: bool) -> gym.Env:
-    import metaworld  # noqa: F401  (registers the Meta-World/* ids)
+    import metaworld
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
-    env = gym.make(
-        "Meta-World/MT1",
-        env_name=task_name,
-        seed=seed + params["goal_seed_offset"],  # the task's 50 goals, as the package's vector envs draw them
-        reward_function_version="v2",
+    # The package's own per-env builder (what gym.make("Meta-World/MT1") runs after drawing the
+    # goals), given the cached goals: the same wrappers (time limit, success termination, episode
+    # statistics, goal selection) without building the env a second time to draw them again.
+    goals = list(_task_goals(task_name, params["goals"], seed + params["goal_seed_offset"]))  # a list per env:
+    # the evaluation's goal selection shuffles it in place
+    env = metaworld._init_each_env(
+        env_cls=ALL_V3_ENVIRONMENTS[task_name],
+        tasks=goals,
+        seed=rng_seed,  # Meta-World ignores reset(seed=...): this seeds the env's goal-picking RNG
         max_episode_steps=METAWORLD_EPISODE_STEPS,
         terminate_on_success=evaluation,  # official protocol: an eval episode ends at success
-        task_select="pseudorandom" if evaluation else "random",
-        disable_env_checker=True,
+        task_select="pseudorandom" if evaluation else "random",  # training: a random goal per reset
+        reward_function_version="v2",
     )
-    if params["goals"] == "MT10":
-        # A list of its own per env: the evaluation wrapper shuffles its list in place.
-        env.set_wrapper_attr("tasks", list(_mt10_goals(seed)[task_name]))
     if evaluation:
         # cycle through the 50 goals in a shuffled order: 50 eval episodes visit each goal once
         env.get_wrapper_attr("toggle_sample_tasks_on_reset")(True)
-    # Meta-World ignores reset(seed=...): the RNG that picks goals is seeded here, distinct per env.
-    env.unwrapped.seed(rng_seed)
     return env
 
 
