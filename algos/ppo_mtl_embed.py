@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from shared.checkpoint import save_checkpoint
+from shared.checkpoint import resume_args, resume_checkpoint, save_checkpoint
 from shared.cli import TrainingDiverged, UsageError, check_budget, check_positive, run_cli
 from shared.evaluate import evaluate, finished_episodes, step_success
 from shared.normalize import ObsNormalizer, RewardScaler
@@ -70,6 +70,10 @@ class PPOArgs:
     """where run directories are created"""
     run_name_suffix: str = ""
     """appended to the run directory name"""
+    resume: Optional[str] = None
+    """continue the interrupted run in this directory from its last checkpoint, with the run's own flags"""
+    checkpoint_every: float = 300.0
+    """write checkpoint.pt at least this often, in seconds of wall time (and at every evaluation)"""
 
     env_id: str = "cartpole-mt"
     """suite id (cartpole-mt, cartpole-identical, cartpole-conflict, lunarlander-mt, mt3-tune, mt3, mt10), a gymnasium
@@ -314,6 +318,8 @@ def ppo_task_losses(args, agent, mb: dict) -> tuple[torch.Tensor, dict]:
 
 
 def main(args) -> dict:
+    if args.resume is not None:
+        args = resume_args(args, ALGO)
     suite = make_suite(args.env_id)
     apply_suite_defaults(args, suite)
     suite = select_run_tasks(args, suite)
@@ -322,7 +328,7 @@ def main(args) -> dict:
                    eval_every=args.eval_every, eval_episodes=args.eval_episodes,
                    final_eval_episodes=args.final_eval_episodes, learning_rate=args.learning_rate,
                    max_grad_norm=args.max_grad_norm, clip_coef=args.clip_coef, gamma=args.gamma,
-                   gae_lambda=args.gae_lambda)
+                   gae_lambda=args.gae_lambda, checkpoint_every=args.checkpoint_every)
     if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
         raise UsageError("--hidden-sizes needs one or more positive widths, e.g. --hidden-sizes 64 64")
     T, k, S = suite.num_tasks, args.num_envs_per_task, args.num_steps
@@ -348,12 +354,14 @@ def main(args) -> dict:
     optimizer = make_optimizer(args, agent)
     obs_normalizer = ObsNormalizer(T, obs_dim, per_task=OBS_NORM_PER_TASK)
     reward_scaler = RewardScaler(T, k, args.gamma)
-    logger = RunLogger(args, ALGO, suite.task_names, args.runs_dir)
+    # --resume: the run's checkpoint replaces the fresh state (RNG states too) before anything is drawn.
+    resumed = (resume_checkpoint(args.resume, ALGO, agent, optimizer, obs_normalizer, reward_scaler)
+               if args.resume else None)
+    logger = RunLogger(args, ALGO, suite.task_names, args.runs_dir, resume=resumed)
     checkpoint_path = os.path.join(logger.dir, "checkpoint.pt")
     parameter_counts = count_parameters(agent)
     print(f"{logger.run_name}: {T} tasks x {k} envs, {num_iterations} iterations of {batch_size} steps, "
           f"parameters {parameter_counts}, device {device}")
-    progress = Progress(f"{args.env_id} {ALGO} seed {args.seed}", num_iterations * batch_size)
 
     # Rollout storage, task-major: [S, T, k, ...]. task_ids[t, j] = t is each column's true task.
     task_ids = torch.as_tensor(column_tasks.reshape(T, k), device=device)  # [T, k]
@@ -401,14 +409,26 @@ def main(args) -> dict:
         finally:
             final_envs.close()
 
-    global_step, start_time, next_eval = 0, time.time(), args.eval_every
-    raw_obs, _ = envs.reset(seed=env_seed(args.seed, evaluation=False))
+    global_step, start_time, next_eval, first_iteration = 0, time.time(), args.eval_every, 1
+    if resumed:  # episodes in progress at the checkpoint are not restored: the envs start afresh
+        global_step, next_eval = resumed["global_step"], resumed["extra"]["next_eval"]
+        first_iteration = resumed["extra"]["iteration"] + 1
+        print(f"resuming {logger.dir} at step {global_step} (iteration {first_iteration})")
+    start_step, last_checkpoint = global_step, time.monotonic()
+    progress = Progress(f"{args.env_id} {ALGO} seed {args.seed}", num_iterations * batch_size, start_step=start_step)
+
+    def checkpoint(iteration: int) -> None:
+        save_checkpoint(checkpoint_path, agent, optimizer, obs_normalizer, reward_scaler, global_step,
+                        {"algo": ALGO, "args": dataclasses.asdict(args), "task_names": suite.task_names,
+                         "iteration": iteration, "next_eval": next_eval, "wall_time": logger.elapsed()})
+
+    raw_obs, _ = envs.reset(seed=env_seed(args.seed, evaluation=False) + global_step)
     raw_obs = raw_obs.reshape(T, k, obs_dim)
     obs_normalizer.update(raw_obs)
     next_obs = torch.as_tensor(obs_normalizer.normalize(raw_obs), device=device)  # [T, k, obs_dim]
     running_success = np.zeros(T * k, bool)
     try:
-        for iteration in range(1, num_iterations + 1):
+        for iteration in range(first_iteration, num_iterations + 1):
             if args.anneal_lr:
                 for group in optimizer.param_groups:
                     group["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
@@ -510,7 +530,7 @@ def main(args) -> dict:
                 logger.scalar(key, float(value) / num_updates, global_step)
             logger.scalar("losses/explained_variance", explained_var, global_step)
             logger.scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            logger.scalar("charts/SPS", global_step / (time.time() - start_time), global_step)
+            logger.scalar("charts/SPS", (global_step - start_step) / (time.time() - start_time), global_step)
             logger.scalar("perf/env_time", env_time, global_step)
             logger.scalar("perf/inference_time", inference_time, global_step)
             logger.scalar("perf/rollout_time", rollout_time, global_step)
@@ -538,8 +558,11 @@ def main(args) -> dict:
                 while next_eval <= global_step:
                     next_eval += args.eval_every
                 run_evaluation(eval_envs, args.eval_episodes, global_step, final=False)
-                save_checkpoint(checkpoint_path, agent, optimizer, obs_normalizer, reward_scaler, global_step,
-                                {"algo": ALGO, "args": dataclasses.asdict(args), "task_names": suite.task_names})
+                checkpoint(iteration)
+                last_checkpoint = time.monotonic()
+            elif time.monotonic() - last_checkpoint >= args.checkpoint_every:
+                checkpoint(iteration)
+                last_checkpoint = time.monotonic()
     finally:  # also on a crash: the logs so far reach disk, the last good checkpoint stays
         logger.writer.flush()
         envs.close()

@@ -22,8 +22,11 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, label: str, total_steps: int, interval: float = 30.0, clock=time.monotonic):
+    def __init__(self, label: str, total_steps: int, interval: float = 30.0, clock=time.monotonic,
+                 start_step: int = 0):
+        """``start_step``: where a resumed run starts (its rate counts the steps done since)."""
         self.label, self.total_steps, self.interval, self.clock = label, total_steps, interval, clock
+        self.start_step = start_step
         self.start = self.last_print = clock()
         self.rollout_time = self.update_time = 0.0
         self.last_episodes = ""
@@ -48,7 +51,7 @@ class Progress:
             return None
         self.last_print = now
         elapsed = now - self.start
-        rate = global_step / elapsed if elapsed > 0 else 0.0
+        rate = (global_step - self.start_step) / elapsed if elapsed > 0 else 0.0
         eta = format_duration((self.total_steps - global_step) / rate) if rate > 0 else "?"
         parts = [f"[{self.label}] {global_step:,}/{self.total_steps:,} steps "
                  f"({100 * global_step / self.total_steps:.1f}%)", f"{rate:,.0f} steps/s", f"ETA {eta}"]

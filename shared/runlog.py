@@ -6,14 +6,18 @@ Layout: ``runs/<env-id>__<algo>__<seed>__<timestamp>/`` (PROTOCOL section 6).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import platform
+import re
 import resource
 import time
 
 import numpy as np
 import torch
+
+from shared.cli import UsageError
 
 
 def _jsonable(value):
@@ -40,17 +44,62 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class RunLogger:
-    def __init__(self, args, algo: str, task_names: tuple[str, ...], runs_dir: str = "runs"):
+    def __init__(self, args, algo: str, task_names: tuple[str, ...], runs_dir: str = "runs",
+                 resume: dict | None = None):
+        """A new run directory under ``runs_dir``; or, with ``resume`` (the checkpoint a resumed run
+        restarts from), the run's own directory ``args.resume``: eval.jsonl keeps the lines up to
+        the checkpoint's step (later ones are redone), tensorboard hides events after it, and the
+        wall time continues from the checkpoint's."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.algo = algo
         self.task_names = task_names
-        self.start_time = time.time()
+        self.start_time = time.time() - (resume["extra"]["wall_time"] if resume else 0.0)
+        if resume:
+            self.dir = args.resume
+            self.run_name = os.path.basename(os.path.normpath(args.resume))
+            self._lock_run_directory()
+            self._keep_evaluations_up_to(resume["global_step"])
+        else:
+            self._make_run_directory(args, algo, runs_dir)
+        config = {k: _jsonable(v) for k, v in dataclasses.asdict(args).items()}
+        config.update(algo=algo, task_names=list(task_names), run_name=self.run_name)
+        # Values a script derives from its flags (VarShare's per-layer prior std) are recorded beside them.
+        config.update({k: _jsonable(v) for k, v in getattr(args, "derived", {}).items()})
+        if not resume:
+            with open(os.path.join(self.dir, "args.json"), "w") as f:
+                json.dump(config, f, indent=2)
+            self._lock_run_directory()
+        self.wandb = None
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                config=config, name=self.run_name, group=f"{args.env_id}__{algo}",
+                tags=[args.env_id, algo], dir=self.dir, save_code=True,
+                id=re.sub(r"[^A-Za-z0-9_-]", "-", self.run_name)[-64:], resume="allow",  # --resume continues it
+            )
+        # A resumed run rewrites the steps after its checkpoint: hide the first attempt's events there.
+        self.writer = SummaryWriter(self.dir, purge_step=resume["global_step"] + 1 if resume else None)
+        self.perf_history: list[dict] = []  # one entry per iteration: phase times and steps
+        self.writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()),
+        )
+
+    def _make_run_directory(self, args, algo: str, runs_dir: str) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.run_name = f"{args.env_id}__{algo}__{args.seed}__{stamp}"
         if getattr(args, "run_name_suffix", ""):
             self.run_name += f"__{args.run_name_suffix}"
-        os.makedirs(runs_dir, exist_ok=True)
+        try:
+            os.makedirs(runs_dir, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--runs-dir {runs_dir} cannot be created ({err.strerror}); choose a writable "
+                             f"directory") from None
+        if not os.access(runs_dir, os.W_OK):
+            raise UsageError(f"--runs-dir {runs_dir} is not writable; choose a writable directory")
         base, attempt = self.run_name, 1
         while True:  # two runs started in the same second must never share a directory
             self.dir = os.path.join(runs_dir, self.run_name)
@@ -60,27 +109,38 @@ class RunLogger:
             except FileExistsError:
                 attempt += 1
                 self.run_name = f"{base}__{attempt}"
-        config = {k: _jsonable(v) for k, v in dataclasses.asdict(args).items()}
-        config.update(algo=algo, task_names=list(task_names), run_name=self.run_name)
-        # Values a script derives from its flags (VarShare's per-layer prior std) are recorded beside them.
-        config.update({k: _jsonable(v) for k, v in getattr(args, "derived", {}).items()})
-        with open(os.path.join(self.dir, "args.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        self.wandb = None
-        if args.track:
-            import wandb
 
-            self.wandb = wandb.init(
-                project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                config=config, name=self.run_name, group=f"{args.env_id}__{algo}",
-                tags=[args.env_id, algo], dir=self.dir, save_code=True,
-            )
-        self.writer = SummaryWriter(self.dir)
-        self.perf_history: list[dict] = []  # one entry per iteration: phase times and steps
-        self.writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()),
-        )
+    def _lock_run_directory(self) -> None:
+        """Hold a lock on the run's args.json while this process lives: a second process resuming
+        the same run (a rerun of the matrix, a requeued job) is refused instead of interleaving."""
+        self._lock = open(os.path.join(self.dir, "args.json"))
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"{self.dir} is being run by another process right now; wait for it to "
+                             f"end") from None
+
+    def _keep_evaluations_up_to(self, step: int) -> None:
+        path = os.path.join(self.dir, "eval.jsonl")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line cut short by the kill
+                continue
+            if entry["global_step"] <= step and not entry["final"]:  # the final evaluation is redone
+                kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+    def elapsed(self) -> float:
+        return time.time() - self.start_time
 
     def scalar(self, name: str, value: float, step: int) -> None:
         self.writer.add_scalar(name, float(value), step)
@@ -143,5 +203,6 @@ class RunLogger:
 
     def close(self) -> None:
         self.writer.close()
+        self._lock.close()  # releases the run directory
         if self.wandb is not None:
             self.wandb.finish()
