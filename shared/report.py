@@ -438,13 +438,14 @@ def residual_ratio_table(row: Row) -> tuple[list[str], np.ndarray] | None:
 
 def plot_residual_ratios(suite: str, tables: list[tuple[Row, list[str], np.ndarray]], path: str) -> None:
     fig, axes = _figure(len(tables), width=1.2 + 0.9 * len(tables[0][1]), height=1.2 + 0.45 * len(tables[0][0].tasks))
+    top = max(float(values.max()) for _, _, values in tables) or 1.0  # one scale: VarShare and L2Soft compare
     for ax, (row, layers, values) in zip(axes, tables, strict=False):
-        image = ax.imshow(values, cmap="viridis", aspect="auto", vmin=0)
+        image = ax.imshow(values, cmap="viridis", aspect="auto", vmin=0, vmax=top)
         ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right")
         ax.set_yticks(range(len(row.tasks)), row.tasks)
         for (i, j), value in np.ndenumerate(values):
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize="x-small",
-                    color="white" if value < 0.6 * values.max() else "black")
+                    color="white" if value < 0.6 * top else "black")
         ax.set_title(f"{suite}: {row.label}, ||mu_task|| / ||theta|| ({len(row.runs)} runs)", fontsize="small")
         fig.colorbar(image, ax=ax)
     fig.savefig(path, dpi=110)
