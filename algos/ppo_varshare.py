@@ -52,7 +52,7 @@ Decisions (each a flag; default first):
 - Diagnostics under varshare/: per task KL, mean |mu|, mean sigma, ||mu_m|| / ||theta|| overall
   and per layer, fraction of |mu| below the pruning threshold (1e-3 when none is set); across
   tasks the mean pairwise cosine of the flattened mu; per update the scaled term and its ratio
-  to the PPO loss.
+  to the PPO loss. summary.json keeps the final per-layer ratios ("residual_ratios") for the report.
 - Performance: all tasks run as one batched matmul over the task axis. Acting uses theta + mu,
   cached between parameter changes: one batched matmul per layer, which must still read T
   weight matrices (at the MT10 shape a rollout step takes about 4x the shared baseline's).
@@ -819,16 +819,23 @@ def method_diagnostics(args: Args, agent: Agent, logger: RunLogger, global_step:
 
 
 def method_final(args: Args, agent: Agent, final_evaluation) -> dict:
-    """--prune-threshold: evaluate again with small residual entries zeroed; report the pruned
-    fraction, the score and the stored size of the surviving residuals (sparse: value + index)."""
+    """The final ||mu_m|| / ||theta|| per task and layer, as the diagnostics log it (the report
+    reads summary.json, not tensorboard). --prune-threshold: evaluate again with small residual
+    entries zeroed; report the pruned fraction, the score and the stored size of the surviving
+    residuals (sparse: value + index)."""
+    task_names = select_run_tasks(args, make_suite(args.env_id)).task_names  # the logger's names, same order
+    with torch.no_grad():
+        ratios = {task: {name: float(layer.mu[t].norm() / layer.theta.norm())
+                         for name, layer in zip(agent.layer_names(), agent.layers(), strict=True)}
+                  for t, task in enumerate(task_names)}
     if args.prune_threshold is None:
-        return {}
+        return {"residual_ratios": ratios}
     with torch.no_grad():
         mus = torch.cat([layer.mu.flatten() for layer in agent.layers()])
         kept = int((mus.abs() >= args.prune_threshold).sum())
     with agent.pruned(args.prune_threshold):
         pruned = final_evaluation(label=f"pruned@{args.prune_threshold:g}")
-    return {"prune": {
+    return {"residual_ratios": ratios, "prune": {
         "threshold": args.prune_threshold,
         "fraction_pruned": 1.0 - kept / mus.numel(),
         "residual_entries": mus.numel(),

@@ -2,8 +2,8 @@
 
 Reads each run's ``summary.json`` (and ``args.json``), groups runs by suite, method and run-name
 suffix, and prints the median over seeds of the final mean evaluation return and success, every
-seed's value, the three parameter counts, env steps and wall time. (The full report with IQM and
-bootstrap intervals is still to be written; see README, "Not built yet".)
+seed's value, the three parameter counts, env steps and wall time. (The full report, with IQM,
+bootstrap intervals and figures, is ``python -m shared.report``.)
 """
 
 from __future__ import annotations

@@ -364,6 +364,28 @@ def test_sampled_weight_runs_train_and_evaluate_end_to_end(tmp_path):
     assert all(math.isfinite(task["return"]) for task in summary["per_task"].values())
     evals = [json.loads(line) for path in glob.glob(str(tmp_path / "*" / "eval.jsonl")) for line in open(path)]
     assert len(evals) >= 3 and all(e["passes"] == 2 for e in evals)  # every evaluation: two weight samples
+    assert set(summary["residual_ratios"]) == set(summary["task_names"])  # the report's heatmap input
+
+
+def test_summary_residual_ratios_are_the_logged_per_layer_ratios_under_each_task_name():
+    """method_final's ratios (summary.json, read by the report) equal the diagnostics' tensorboard
+    values ||mu_m|| / ||theta|| per layer, keyed by the selected tasks' names in the run's order."""
+    args = vs.Args(env_id="cartpole-mt", tasks=["heavy-pole", "standard"], hidden_sizes=(8,))
+    suite = vs.make_suite("cartpole-mt")
+    vs.apply_suite_defaults(args, suite)
+    suite = vs.select_run_tasks(args, suite)
+    torch.manual_seed(0)
+    agent = vs.make_agent(args, suite, 4, 2, True)
+    with torch.no_grad():
+        for t, layer in enumerate(agent.layers()):
+            layer.mu.normal_(0, 0.05 * (t + 1))
+    ratios = vs.method_final(args, agent, final_evaluation=None)["residual_ratios"]
+    logged = vs.method_diagnostics(args, agent, types.SimpleNamespace(task_names=suite.task_names), 0)
+    assert list(ratios) == ["heavy-pole", "standard"]
+    for task, per_layer in ratios.items():
+        assert list(per_layer) == ["critic0", "critic1", "actor0", "actor1"]
+        for layer, value in per_layer.items():
+            assert value > 0 and value == pytest.approx(logged[f"varshare/{task}/residual_ratio/{layer}"])
 
 
 def test_parameter_counts_match_hand_count():
