@@ -5,13 +5,14 @@ Paper: Tianhe Yu, Saurabh Kumar, Abhishek Gupta, Sergey Levine, Karol Hausman, C
 (NeurIPS 2020), arXiv:2001.06782.
 
 The network, the task encoding (``--task-encoding``) and the parameter counts are exactly those of
-ppo_mtl_embed.py (copied unchanged); only ``method_update`` differs. Read this file as that one plus
-the gradient surgery below. The regions between ``PPO CORE`` markers are byte-identical in every
+ppo_mtl_embed.py (copied unchanged); only ``method_update`` differs, and ``make_agent`` adds forward
+hooks that keep each linear layer's input and output for it. Read this file as that one plus the
+gradient surgery below. The regions between ``PPO CORE`` markers are byte-identical in every
 ``algos/ppo_*.py`` (tests/test_core_identical.py enforces it).
 
 The update, per task-stratified minibatch (the core hands over ``task_losses`` [T], each task's
 full PPO loss: clipped surrogate - ent_coef * entropy + vf_coef * value loss):
-1. g_t = gradient of task t's loss, for every task (T backward passes of the same graph).
+1. g_t = gradient of task t's loss, for every task, all from one backward pass (see below).
 2. Surgery (Algorithm 1 of the paper), on the shared entries only: for each task i, visit the other
    tasks j in a fresh random order; if g_i^PC . g_j < 0, set g_i^PC <- g_i^PC - (g_i^PC . g_j) /
    |g_j|^2 g_j, always against the ORIGINAL g_j (never an already-projected one).
@@ -44,17 +45,26 @@ Decisions and deviations from the paper:
 - ``--task-encoding learned``: the embedding rows are task-only, but the first layer's embedding
   columns are shared (a learned embedding is dense once it leaves its identity start, so every task's
   data reaches every column) and go through the surgery.
-- Per-task gradients by T calls of torch.autograd.grad with retain_graph, rather than one vmapped
-  backward (torch.autograd.grad(..., is_grads_batched=True) or torch.func): the loop is the paper's
-  algorithm read literally, its numbers are those of ordinary backward passes, and it relies on no
-  vmap batching rule for any op in the loss. The cost is T backward passes per minibatch; on this
-  project's 2-core CPU the vmapped version was only 20-30% faster (at MT10's sizes: 10 tasks, 3 x 400
-  units, 100 rows per task; and at cartpole-mt's), which does not pay for the less common API.
+- Per-task gradients in one pass (``per_task_gradients``): the batch is task-major and no row of one
+  task ever meets a row of another (per-task advantage normalisation and means), so one backward of
+  the summed loss gives each task's own gradient at every linear layer's output, and task t's weight
+  gradient is g_t^T x_t, one batched matmul over the task axis. The arithmetic is that of one ordinary
+  backward, split by task; a test checks the update against T backward passes and the paper's loop.
+  At MT10's sizes (10 tasks, 3 x 400 units, 100 rows per task) on this project's 2-core CPU the
+  per-task gradients took about 560 ms per minibatch by T calls of torch.autograd.grad, 700 ms
+  vmapped over the backward (is_grads_batched=True), 95 ms with torch.func (vmap over the task axis
+  of grad of each task's loss) and 90 ms here. torch.func would also need the minibatch inside the
+  update (the core hands over only the losses) and a one-hot that vmap accepts.
+- The surgery runs on the T x T gram matrix of the task gradients (``projection_coefficients``):
+  every projection adds a multiple of an original g_j, so each projected gradient is a combination
+  of the originals whose dot products follow from the gram matrix, and the mean of the projected
+  gradients is one weighted sum of the originals. The P-long vectors are read once for the gram
+  matrix and once for that sum, instead of once per visiting step.
 - Visiting orders: one torch.randperm of the other tasks per task i, per group, per minibatch, drawn
   from torch's global CPU generator, which ``--seed`` seeds; the draws shift that generator, so on a
   CPU the same seed does not give ppo_mtl_embed's minibatch order.
 - Conflict means a strictly negative dot product, as in the paper; the projection is written
-  without a branch (min(g_i . g_j, 0) / |g_j|^2), so it needs no device sync, and a zero g_j
+  without a branch (min(g_i^PC . g_j, 0) / |g_j|^2), so it needs no device sync, and a zero g_j
   projects nothing.
 - Gradient clipping: after the surgery, one clip of the global norm over all parameters, as the
   reference script does. ``losses/grad_norm`` is the norm of the surgered gradient before clipping.
@@ -289,7 +299,9 @@ class Agent(nn.Module):
 
 
 def make_agent(args: Args, suite, obs_dim: int, act_dim: int, discrete: bool) -> Agent:
-    return Agent(obs_dim, act_dim, discrete, suite.num_tasks, args.hidden_sizes, args.task_encoding)
+    agent = Agent(obs_dim, act_dim, discrete, suite.num_tasks, args.hidden_sizes, args.task_encoding)
+    keep_linear_io(agent)
+    return agent
 
 
 def make_optimizer(args: Args, agent: Agent) -> torch.optim.Optimizer:
@@ -298,6 +310,57 @@ def make_optimizer(args: Args, agent: Agent) -> torch.optim.Optimizer:
 
 def select_run_tasks(args: Args, suite):
     return select_tasks(suite, args.tasks, args.holdout_task)
+
+
+def linear_layers(agent: Agent) -> list[nn.Linear]:
+    return [layer for net in (agent.actor, agent.critic) for layer in net if isinstance(layer, nn.Linear)]
+
+
+def keep_linear_io(agent: Agent) -> None:
+    """Forward hooks on the actor's and critic's Linear layers that keep each layer's input and output
+    of the latest forward pass run with autograd on (the loss's), for ``per_task_gradients``. Rollout and
+    evaluation run in inference mode and keep nothing."""
+    for layer in linear_layers(agent):
+        layer.last_io = None
+        layer.register_forward_hook(_keep_io)
+
+
+def _keep_io(layer: nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
+    if torch.is_grad_enabled():
+        layer.last_io = (inputs[0], output)
+
+
+def per_task_gradients(agent: Agent, task_losses: torch.Tensor) -> tuple[dict, dict]:
+    """Every task's own gradient of every Linear parameter, from ONE backward pass.
+
+    Returns (task_grads, plain): task_grads maps each Linear weight and bias p to [T, *p.shape], row t
+    the gradient of task_losses[t] alone; plain maps every other parameter (per-task log-std and
+    embedding rows) to the gradient of the mean loss.
+
+    Why one pass is enough: the batch is task-major [T, n, ...] and nothing in the network or the loss
+    mixes rows of different tasks (per-task advantage normalisation, per-task means), so at a layer's
+    output y the gradient of the summed loss, restricted to row t, is task t's own g_t = dL_t/dy_t
+    [n, out]. Task t's gradient of y = x W^T + b is then g_t^T x_t for W and the row sum of g_t for b:
+    one batched matmul over the task axis, the same arithmetic as an ordinary weight gradient, split by
+    task. The backward itself stops at the layer outputs and computes no weight gradient."""
+    layers = linear_layers(agent)
+    if any(getattr(layer, "last_io", None) is None for layer in layers):
+        raise RuntimeError("PCGrad's update needs the layer inputs and outputs of the forward pass that built "
+                           "task_losses: build the agent with make_agent (it installs the hooks that keep them)")
+    inputs, outputs = zip(*(layer.last_io for layer in layers), strict=True)
+    for layer in layers:  # drop the references, so that the graph is freed after this update
+        layer.last_io = None
+    linear_params = {id(p) for layer in layers for p in (layer.weight, layer.bias)}
+    others = [p for p in agent.parameters() if id(p) not in linear_params]
+    grads = torch.autograd.grad(task_losses.sum(), [*outputs, *others])
+    num_tasks = task_losses.shape[0]
+    task_grads = {}
+    with torch.no_grad():
+        for layer, x, g in zip(layers, inputs, grads[:len(layers)], strict=True):  # x [T, n, in], g [T, n, out]
+            task_grads[layer.weight] = torch.bmm(g.transpose(1, 2), x.detach())  # [T, out, in]
+            task_grads[layer.bias] = g.sum(1)  # [T, out]
+    plain = {p: g / num_tasks for p, g in zip(others, grads[len(layers):], strict=True)}
+    return task_grads, plain
 
 
 def random_orders(num_tasks: int) -> torch.Tensor:
@@ -309,33 +372,42 @@ def random_orders(num_tasks: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def project_conflicting(grads: torch.Tensor, orders: torch.Tensor | None = None) -> torch.Tensor:
-    """PCGrad's surgery: grads [T, P], one flattened gradient per task -> projected gradients [T, P].
+def projection_coefficients(gram: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+    """PCGrad's surgery on the gram matrix: gram [T, T] (g_i . g_j), orders [T, T-1] -> C [T, T] such that
+    the projected gradients are g_i^PC = g_i + sum_j C[i, j] g_j.
 
-    For each task i, visit the tasks j in ``orders[i]`` ([T, T-1]; random when None); where the
-    current g_i conflicts with the ORIGINAL g_j (negative dot product), remove g_i's component along
-    g_j. Rows run in parallel, one visiting step at a time: step s handles task orders[i, s] for every
-    row i at once, which is the same as running the paper's loop one task after the other."""
-    num_tasks = grads.shape[0]
-    if orders is None:
-        orders = random_orders(num_tasks)
-    orders = orders.to(grads.device)
-    sq_norms = (grads * grads).sum(1).clamp_min(torch.finfo(grads.dtype).tiny)  # [T]; a zero g_j projects nothing
-    projected = grads.clone()  # [T, P]
+    For each task i, visit the tasks j in ``orders[i]``; where the current g_i^PC conflicts with the
+    ORIGINAL g_j (negative dot product), remove g_i^PC's component along g_j. Every projection adds a
+    multiple of an original g_j, so g_i^PC stays in the span of the originals and its dot product with
+    g_j is gram[i, j] + sum_k C[i, k] gram[k, j]: the whole loop runs on T x T numbers, and the P-long
+    gradients are touched only to form the gram matrix and the final combination. Rows run in parallel,
+    one visiting step at a time (step s handles task orders[i, s] for every row i), which is the same as
+    running the paper's loop one task after the other."""
+    num_tasks = gram.shape[0]
+    orders = orders.to(gram.device)
+    rows = torch.arange(num_tasks, device=gram.device)
+    sq_norms = gram.diagonal().clamp_min(torch.finfo(gram.dtype).tiny)  # [T]; a zero g_j projects nothing
+    coefficients = torch.zeros_like(gram)  # [T, T]
     for step in range(num_tasks - 1):
-        j = orders[:, step]  # [T]: the task each row visits now
-        other = grads[j]  # [T, P], original gradients
-        dot = (projected * other).sum(1)  # [T]
-        projected = projected - (dot.clamp(max=0.0) / sq_norms[j]).unsqueeze(1) * other
-    return projected
+        j = orders[:, step]  # [T]: the task each row visits now (each j once per row)
+        dot = gram[rows, j] + (coefficients * gram[:, j].T).sum(1)  # [T]: g_i^PC . g_j
+        coefficients[rows, j] = -dot.clamp(max=0.0) / sq_norms[j]
+    return coefficients
 
 
-def conflict_statistics(grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Over the unordered task pairs of grads [T, P] (T >= 2): fraction with g_i . g_j < 0, mean cosine."""
-    gram = grads @ grads.T  # [T, T]
+def project_conflicting(grads: torch.Tensor, orders: torch.Tensor | None = None) -> torch.Tensor:
+    """PCGrad's surgery on explicit vectors: grads [T, P], one flattened gradient per task -> projected
+    gradients [T, P] (orders [T, T-1], random when None; see ``projection_coefficients``)."""
+    if orders is None:
+        orders = random_orders(grads.shape[0])
+    return grads + projection_coefficients(grads @ grads.T, orders) @ grads
+
+
+def conflict_statistics(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over the unordered task pairs of a gram matrix [T, T] (T >= 2): fraction with g_i . g_j < 0, mean cosine."""
     norms = gram.diagonal().sqrt()
-    cosine = gram / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(grads.dtype).tiny)
-    i, j = torch.triu_indices(grads.shape[0], grads.shape[0], offset=1, device=grads.device)
+    cosine = gram / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(gram.dtype).tiny)
+    i, j = torch.triu_indices(gram.shape[0], gram.shape[0], offset=1, device=gram.device)
     return (gram[i, j] < 0).float().mean(), cosine[i, j].mean()
 
 
@@ -353,29 +425,31 @@ def shared_entries(agent: Agent, net: nn.Sequential) -> list[tuple[nn.Parameter,
 def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor, info: dict) -> dict:
     """One PCGrad step on the task-stratified minibatch: task_losses is [T]."""
     num_tasks = task_losses.shape[0]
-    params = list(agent.parameters())
-    grads_by_task = [torch.autograd.grad(task_losses[t], params, retain_graph=t < num_tasks - 1)
-                     for t in range(num_tasks)]
-    per_param = zip(*grads_by_task, strict=True)  # for each parameter, its T task gradients
-    task_grads = {p: torch.stack(g) for p, g in zip(params, per_param, strict=True)}  # p -> [T, *p.shape]
+    task_grads, plain = per_task_gradients(agent, task_losses)
     optimizer.zero_grad(set_to_none=True)
-    # Plain gradient of the mean loss everywhere; this is final for the task-only entries (log-std and
-    # embedding rows, one-hot columns), and the shared entries are overwritten below.
-    for p in params:
-        p.grad = task_grads[p].mean(0)
+    for p, g in plain.items():  # log-std and embedding rows: task-only, the plain gradient of the mean loss
+        p.grad = g
     stats = {}
-    for name, net in (("actor", agent.actor), ("critic", agent.critic)):
-        entries = shared_entries(agent, net)
-        flat = torch.cat([task_grads[p][..., cols].reshape(num_tasks, -1) for p, cols in entries], dim=1)  # [T, P]
-        surgered = project_conflicting(flat).mean(0)  # [P]
-        chunks = surgered.split([p.grad[..., cols].numel() for p, cols in entries])
-        for (p, cols), chunk in zip(entries, chunks, strict=True):
-            p.grad[..., cols] = chunk.view_as(p.grad[..., cols])
-        if num_tasks > 1:
-            conflict_fraction, cosine = conflict_statistics(flat)
-            stats[f"pcgrad/{name}_conflict_fraction"] = conflict_fraction
-            stats[f"pcgrad/{name}_cosine"] = cosine
-    stats["losses/grad_norm"] = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    with torch.no_grad():
+        for name, net in (("actor", agent.actor), ("critic", agent.critic)):
+            entries = shared_entries(agent, net)
+            flats = [task_grads[p][..., cols].reshape(num_tasks, -1) for p, cols in entries]  # [T, P_e] each
+            gram = sum(flat @ flat.T for flat in flats)  # [T, T]
+            coefficients = projection_coefficients(gram, random_orders(num_tasks))
+            # mean_i g_i^PC = sum_j weights[j] g_j: the projected mean is one combination of the originals.
+            weights = (1.0 + coefficients.sum(0)) / num_tasks  # [T]
+            for (p, cols), flat in zip(entries, flats, strict=True):
+                surgered = weights @ flat  # [P_e]
+                if cols == slice(None):
+                    p.grad = surgered.view_as(p)
+                else:  # the first layer: its one-hot columns are task-only and keep the plain mean
+                    p.grad = task_grads[p].mean(0)
+                    p.grad[..., cols] = surgered.view_as(p.grad[..., cols])
+            if num_tasks > 1:
+                conflict_fraction, cosine = conflict_statistics(gram)
+                stats[f"pcgrad/{name}_conflict_fraction"] = conflict_fraction
+                stats[f"pcgrad/{name}_cosine"] = cosine
+    stats["losses/grad_norm"] = nn.utils.clip_grad_norm_(list(agent.parameters()), args.max_grad_norm)
     optimizer.step()
     return stats
 

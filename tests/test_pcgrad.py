@@ -84,7 +84,7 @@ def test_random_orders_are_seeded_permutations_of_the_other_tasks():
 
 def test_conflict_statistics_count_unordered_pairs():
     grads = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0]])  # cosines: -1, 0, 0
-    fraction, cosine = pcgrad.conflict_statistics(grads)
+    fraction, cosine = pcgrad.conflict_statistics(grads @ grads.T)
     assert float(fraction) == pytest.approx(1 / 3)
     assert float(cosine) == pytest.approx(-1 / 3)
 
@@ -107,7 +107,10 @@ def make_args(module, **overrides):
 
 def make_agent(module, num_tasks: int, encoding: str, discrete: bool, seed: int = 0):
     torch.manual_seed(seed)
-    return module.Agent(OBS_DIM, 2 if discrete else ACT_DIM, discrete, num_tasks, (16, 16), encoding)
+    agent = module.Agent(OBS_DIM, 2 if discrete else ACT_DIM, discrete, num_tasks, (16, 16), encoding)
+    if module is pcgrad:  # as pcgrad.make_agent does: the update reads the layers' inputs and outputs
+        pcgrad.keep_linear_io(agent)
+    return agent
 
 
 def zero_task_columns(agent) -> None:
@@ -238,6 +241,110 @@ def test_shared_entries_split_the_first_layer_at_the_one_hot_columns():
     assert sum(p[..., cols].numel() for p, cols in entries) == actor_size - 16 * 3
     entries = pcgrad.shared_entries(learned, learned.critic)
     assert sum(p[..., cols].numel() for p, cols in entries) == sum(p.numel() for p in learned.critic.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-pass update against PCGrad written literally: T backward passes and the paper's loop.
+# ---------------------------------------------------------------------------------------------
+
+def reference_pcgrad_gradients(agent, mb, args) -> tuple[dict, dict]:
+    """PCGrad's clipped update direction the slow, obvious way, and its diagnostics.
+
+    One torch.autograd.grad per task; per network, each task's shared entries flattened into one vector
+    and projected in a Python loop over the other tasks (in the order that random_orders draws: the
+    same draws as the update's); the mean of the projected vectors on the shared entries, the plain
+    mean everywhere else; then one global-norm clip."""
+    task_losses, _ = pcgrad.ppo_task_losses(args, agent, mb)
+    params = list(agent.parameters())
+    num_tasks = task_losses.shape[0]
+    per_task = [dict(zip(params, torch.autograd.grad(task_losses[t], params, retain_graph=True), strict=True))
+                for t in range(num_tasks)]
+    direction = {p: sum(g[p] for g in per_task) / num_tasks for p in params}
+    stats = {}
+    for name, net in (("actor", agent.actor), ("critic", agent.critic)):
+        entries = pcgrad.shared_entries(agent, net)
+        flat = [torch.cat([g[p][..., cols].reshape(-1) for p, cols in entries]) for g in per_task]
+        orders = pcgrad.random_orders(num_tasks)
+        projected = []
+        for i in range(num_tasks):
+            g_i = flat[i].clone()
+            for j in orders[i].tolist():
+                dot = g_i @ flat[j]
+                if dot < 0:
+                    g_i = g_i - dot / (flat[j] @ flat[j]) * flat[j]
+            projected.append(g_i)
+        mean = sum(projected) / num_tasks
+        offset = 0
+        for p, cols in entries:
+            size = direction[p][..., cols].numel()
+            direction[p][..., cols] = mean[offset:offset + size].view_as(direction[p][..., cols])
+            offset += size
+        pairs = [(i, j) for i in range(num_tasks) for j in range(i + 1, num_tasks)]
+        if pairs:
+            stats[f"pcgrad/{name}_conflict_fraction"] = sum(float(flat[i] @ flat[j] < 0) for i, j in pairs) / len(pairs)
+            stats[f"pcgrad/{name}_cosine"] = sum(float(torch.nn.functional.cosine_similarity(flat[i], flat[j], dim=0))
+                                                 for i, j in pairs) / len(pairs)
+    norm = torch.sqrt(sum((g * g).sum() for g in direction.values()))
+    scale = min(1.0, args.max_grad_norm / (float(norm) + 1e-6))  # clip_grad_norm_'s rule
+    stats["losses/grad_norm"] = float(norm)
+    return {p: g * scale for p, g in direction.items()}, stats
+
+
+@pytest.mark.parametrize("num_tasks, encoding, discrete, dtype, tolerance", [
+    (1, "onehot", False, torch.float64, 1e-12),
+    (3, "onehot", False, torch.float64, 1e-12),
+    (3, "learned", False, torch.float64, 1e-12),
+    (4, "onehot", True, torch.float64, 1e-12),
+    (5, "learned", True, torch.float64, 1e-12),
+    (4, "onehot", False, torch.float32, 1e-5),
+])
+def test_one_pass_update_equals_the_t_pass_reference(num_tasks, encoding, discrete, dtype, tolerance):
+    agent = make_agent(pcgrad, num_tasks, encoding, discrete, seed=7)
+    args = make_args(pcgrad, task_encoding=encoding, max_grad_norm=0.05)  # small: the clip is active
+    # The same observations and actions for every task, with advantages and returns of alternating sign
+    # and different sizes: actor and critic gradients of neighbouring tasks conflict.
+    signs = [(-1.0) ** t * (1 + t) for t in range(num_tasks)]
+    mb = minibatch(agent, num_tasks, discrete, identical=True, seed=8, advantage_scales=signs)
+    mb["returns"] = mb["returns"].abs() * torch.tensor(signs)[:, None]
+    agent = agent.to(dtype)
+    mb = {key: value.to(dtype) if value.is_floating_point() else value for key, value in mb.items()}
+    torch.manual_seed(11)
+    expected, expected_stats = reference_pcgrad_gradients(agent, mb, args)
+    torch.manual_seed(11)  # the same visiting orders
+    stats = one_update(pcgrad, agent, mb, args, optimizer=torch.optim.SGD(agent.parameters(), lr=0.0))
+
+    for name, p in agent.named_parameters():
+        torch.testing.assert_close(p.grad, expected[p], rtol=tolerance, atol=tolerance * 1e-2, msg=name)
+    assert set(stats) == set(expected_stats)
+    for key, value in expected_stats.items():
+        assert float(stats[key]) == pytest.approx(value, rel=max(tolerance, 1e-6), abs=1e-6), key
+    if num_tasks > 1:  # the surgery had something to do in both networks
+        assert expected_stats["pcgrad/actor_conflict_fraction"] > 0
+        assert expected_stats["pcgrad/critic_conflict_fraction"] > 0
+        plain = plain_gradients(agent, mb, args)
+        assert not torch.allclose(agent.actor[2].weight.grad, plain[agent.actor[2].weight] * 0.05
+                                  / float(stats["losses/grad_norm"]), rtol=1e-3)
+
+
+def test_update_refuses_an_agent_without_the_layer_hooks():
+    agent = pcgrad.Agent(OBS_DIM, ACT_DIM, False, 2, (16, 16), "onehot")  # built without make_agent
+    mb = minibatch(agent, 2, discrete=False, identical=False)
+    with pytest.raises(RuntimeError, match="make_agent"):
+        one_update(pcgrad, agent, mb, make_args(pcgrad))
+
+
+def test_layer_inputs_are_kept_only_from_differentiable_passes_and_dropped_by_the_update():
+    agent = make_agent(pcgrad, 2, "onehot", discrete=False)
+    mb = minibatch(agent, 2, discrete=False, identical=False)  # its forward runs under no_grad
+    layers = pcgrad.linear_layers(agent)
+    assert len(layers) == 6 and all(layer.last_io is None for layer in layers)
+    with torch.inference_mode():  # as at rollout and evaluation
+        agent.get_action_and_value(mb["obs"], mb["task_ids"])
+    assert all(layer.last_io is None for layer in layers)
+    task_losses, _ = pcgrad.ppo_task_losses(make_args(pcgrad), agent, mb)
+    assert all(layer.last_io is not None for layer in layers)
+    pcgrad.method_update(make_args(pcgrad), agent, pcgrad.make_optimizer(make_args(pcgrad), agent), task_losses, {})
+    assert all(layer.last_io is None for layer in layers)
 
 
 # ---------------------------------------------------------------------------------------------
