@@ -1,11 +1,12 @@
 """Throughput of every method against the environment's own rate, from one run.
 
     .venv/bin/python benchmarks/throughput.py --env-id mt10 [--iterations 2] [--methods ppo_mtl_embed ...]
-        [--async-envs] [--torch-threads N] [-- SCRIPT FLAGS]
+        [--async-envs] [--torch-threads N] [--raw-seconds 5] [-- SCRIPT FLAGS]
 
 1. Raw stepping: the vector env that the scripts build (shared.suites.make_vector_env, the suite's
-   envs per task, sync or ``--async-envs``) stepped with uniform random actions for one rollout's
-   worth of steps, before the methods and again after them (the machine's load may drift).
+   envs per task, sync or ``--async-envs``) stepped with uniform random actions for whole rollouts'
+   worth of steps, at least ``--raw-seconds`` (5 s), before the methods and again after them (the
+   machine's load may drift).
 2. Every method (algos/<method>.py, imported and run in this process) trains for ``--iterations``
    PPO iterations at the suite's defaults; its rollout and update times come from the script's own
    timings (``perf`` in summary.json, the first iteration skipped as warm-up when there are two or more).
@@ -66,17 +67,20 @@ def script_args(name: str, env_id: str, opts, passthrough: list[str], runs_dir: 
     return module, args, suite
 
 
-def raw_steps_per_second(suite, args) -> float:
-    """Env steps/s of the scripts' vector env under uniform random actions, one rollout's worth."""
+def raw_steps_per_second(suite, args, min_seconds: float) -> float:
+    """Env steps/s of the scripts' vector env under uniform random actions: whole rollouts' worth,
+    at least one and at least ``min_seconds`` (a toy suite's rollout is too short to time alone)."""
     envs, _ = make_vector_env(suite, args.num_envs_per_task, args.seed, args.async_envs)
     try:
         envs.reset(seed=env_seed(args.seed, evaluation=False))
         for _ in range(WARMUP_STEPS):
             envs.step(envs.action_space.sample())
-        start = time.perf_counter()
-        for _ in range(args.num_steps):
-            envs.step(envs.action_space.sample())
-        return args.num_steps * envs.num_envs / (time.perf_counter() - start)
+        start, steps = time.perf_counter(), 0
+        while steps == 0 or time.perf_counter() - start < min_seconds:
+            for _ in range(args.num_steps):
+                envs.step(envs.action_space.sample())
+            steps += args.num_steps
+        return steps * envs.num_envs / (time.perf_counter() - start)
     finally:
         envs.close()
 
@@ -111,6 +115,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", help="script names in algos/ (default: all, ppo_mtl_embed first)")
     parser.add_argument("--async-envs", action="store_true", help="step the envs in subprocesses (raw and methods)")
     parser.add_argument("--torch-threads", type=int, help="torch threads in every script (default: the scripts' own)")
+    parser.add_argument("--raw-seconds", type=float, default=5.0,
+                        help="time the raw stepping for at least this long (whole rollouts), before and after")
     opts = parser.parse_args(own)
     if opts.iterations < 1:
         parser.error("--iterations must be at least 1")
@@ -125,7 +131,7 @@ def main() -> None:
         budget = SUITE_DEFAULTS[suite.defaults]["total_timesteps"]
         print(f"{opts.env_id}: {suite.num_tasks} tasks x {reference_args.num_envs_per_task} envs per task, "
               f"{reference_args.num_steps} steps per rollout; {machine_line(reference_args)}", flush=True)
-        raw_before = raw_steps_per_second(suite, reference_args)
+        raw_before = raw_steps_per_second(suite, reference_args, opts.raw_seconds)
         rows = []
         for name in methods:
             module, args, _ = script_args(name, opts.env_id, opts, passthrough, runs_dir)
@@ -137,7 +143,7 @@ def main() -> None:
                 rows.append((name, None, err))
                 continue
             rows.append((name, perf, None))
-        raw_after = raw_steps_per_second(suite, reference_args)
+        raw_after = raw_steps_per_second(suite, reference_args, opts.raw_seconds)
     raw = (raw_before + raw_after) / 2
 
     print(f"raw random-action stepping: {raw_before:,.0f} env steps/s before the methods, {raw_after:,.0f} after; "
