@@ -429,8 +429,11 @@ class VarShareLinear(nn.Module):
         if mode == "flipout":
             sigma, slope = self.sigma_and_slope()
             eps = torch.randn_like(self.mu)  # [T, d_in, d_out], one draw per task
-            signs = random_signs((*x.shape[:2], x.shape[2] + self.mu.shape[2]), x)  # one draw for both
-            s_in, s_out = signs[..., :x.shape[2]], signs[..., x.shape[2]:]  # [T, n, d_in], [T, n, d_out]
+            T, n, d_in = x.shape
+            # One draw for both, split into two contiguous blocks: slices along the last axis would
+            # leave both strided, and every product with them slower.
+            signs = random_signs((T * n * (d_in + self.mu.shape[2]),), x)
+            s_in, s_out = signs[:T * n * d_in].view(T, n, d_in), signs[T * n * d_in:].view(T, n, -1)
             return FlipoutMatmul.apply(x, self.theta, self.mu, self.rho, self.noisy_bias(x.shape[0]), sigma, slope,
                                        eps, s_in, s_out)
         if mode == "fixed":  # x: [T, k, d_in] with one weight sample per (task, env) row
