@@ -286,6 +286,11 @@ def random_signs(shape, like: torch.Tensor) -> torch.Tensor:
     return signs.view(-1)[:count].view(shape)
 
 
+def work_tensor(work: dict[str, torch.Tensor] | None, name: str) -> torch.Tensor | None:
+    """The preallocated output ``name`` of VarShareLinear.loss_work, or None (a fresh tensor)."""
+    return None if work is None else work[name]
+
+
 class FlipoutMatmul(torch.autograd.Function):
     """Flipout for all tasks at once, with a hand-written backward.
 
@@ -294,12 +299,13 @@ class FlipoutMatmul(torch.autograd.Function):
     the [T, d_in, d_out] tensors: the weight gradient goes to mu as it is (no copy), theta gets
     its sum over tasks, and rho's gradient is (dL/d delta) * eps * sigmoid(rho) in one product
     instead of autograd's mul and softplus backward. ``sigma`` and ``slope`` = sigmoid(rho) come
-    from VarShareLinear.sigma_and_slope, which the KL gradient reuses."""
+    from VarShareLinear.sigma_and_slope, which the KL gradient reuses. theta + mu and sigma * eps
+    are written into the layer's work tensors ``work`` (VarShareLinear.loss_work) when given."""
 
     @staticmethod
-    def forward(ctx, x, theta, mu, rho, bias, sigma, slope, eps, s_in, s_out):
-        weight = theta + mu  # [T, d_in, d_out]
-        delta = sigma * eps
+    def forward(ctx, x, theta, mu, rho, bias, sigma, slope, eps, s_in, s_out, work=None):
+        weight = torch.add(theta, mu, out=work_tensor(work, "weight"))  # [T, d_in, d_out]
+        delta = torch.mul(sigma, eps, out=work_tensor(work, "delta"))
         x_in = x * s_in  # [T, n, d_in]
         y = torch.baddbmm(bias, x, weight)
         y.addcmul_(torch.bmm(x_in, delta), s_out)
@@ -323,16 +329,18 @@ class FlipoutMatmul(torch.autograd.Function):
             grad_rho = torch.bmm(x_in.transpose(1, 2), grad_out).mul_(eps).mul_(slope)
         if ctx.needs_input_grad[4]:
             grad_bias = grad_y.sum_to_size(ctx.bias_shape)
-        return grad_x, grad_theta, grad_mu, grad_rho, grad_bias, None, None, None, None, None
+        grads = grad_x, grad_theta, grad_mu, grad_rho, grad_bias, None, None, None, None, None, None
+        return grads[:len(ctx.needs_input_grad)]  # one per argument given (work is optional)
 
 
 class ReparamMatmul(torch.autograd.Function):
     """One weight sample per task: y = x @ (theta + mu_t + sigma_t * eps_t) + bias, with the
-    hand-written backward of FlipoutMatmul's kind (a test checks it against autograd)."""
+    hand-written backward of FlipoutMatmul's kind (a test checks it against autograd); the weight
+    is written into the layer's work tensor ``work["weight"]`` when given."""
 
     @staticmethod
-    def forward(ctx, x, theta, mu, rho, bias, sigma, slope, eps):
-        weight = torch.add(theta, mu).addcmul_(sigma, eps)  # [T, d_in, d_out]
+    def forward(ctx, x, theta, mu, rho, bias, sigma, slope, eps, work=None):
+        weight = torch.add(theta, mu, out=work_tensor(work, "weight")).addcmul_(sigma, eps)  # [T, d_in, d_out]
         y = torch.baddbmm(bias, x, weight)
         ctx.save_for_backward(x, weight, eps, slope)
         ctx.bias_shape = bias.shape
@@ -351,7 +359,8 @@ class ReparamMatmul(torch.autograd.Function):
         grad_theta, grad_mu = grad_weight.sum(0), grad_weight
         if ctx.needs_input_grad[4]:
             grad_bias = grad_y.sum_to_size(ctx.bias_shape)
-        return grad_x, grad_theta, grad_mu, grad_rho, grad_bias, None, None, None
+        grads = grad_x, grad_theta, grad_mu, grad_rho, grad_bias, None, None, None, None
+        return grads[:len(ctx.needs_input_grad)]
 
 
 class VarShareLinear(nn.Module):
@@ -386,6 +395,7 @@ class VarShareLinear(nn.Module):
         self.fixed_eps_bias: torch.Tensor | None = None
         self._mean_cache: torch.Tensor | None = None
         self._sigma_cache: tuple | None = None
+        self._loss_work: dict[str, torch.Tensor] | None = None
         self._fixed_cache: tuple | None = None
         self.prune_mask: torch.Tensor | None = None  # evaluation only: residual entries kept
 
@@ -409,33 +419,56 @@ class VarShareLinear(nn.Module):
 
     def sigma_and_slope(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(softplus(rho), sigmoid(rho)) without autograd, shared by the loss's forward and the KL
-        gradient after it. Agent.clear_weight_cache() drops them after every optimiser step (fused
-        Adam may leave version counters alone); the version check catches in-place edits elsewhere."""
+        gradient after it, written into the layer's work tensors (loss_work). Agent.clear_weight_cache()
+        drops them after every optimiser step (fused Adam may leave version counters alone); the
+        version check catches in-place edits elsewhere. The values are good until the next call after
+        rho changes: a caller that keeps them longer must copy them."""
         cache = self._sigma_cache
         if cache is None or cache[0] != self.rho._version:
             with torch.no_grad():
-                cache = (self.rho._version, nn.functional.softplus(self.rho), torch.sigmoid(self.rho))
-            if not torch.is_inference_mode_enabled():  # inference tensors could not enter the loss
-                self._sigma_cache = cache
+                if torch.is_inference_mode_enabled():  # inference tensors could not enter the loss: no cache
+                    return nn.functional.softplus(self.rho), torch.sigmoid(self.rho)
+                work = self.loss_work()
+                cache = (self.rho._version, torch.ops.aten.softplus.out(self.rho, 1.0, 20.0, out=work["sigma"]),
+                         torch.sigmoid(self.rho, out=work["slope"]))
+            self._sigma_cache = cache
         return cache[1], cache[2]
+
+    def loss_work(self) -> dict[str, torch.Tensor]:
+        """Tensors of mu's shape [T, d_in, d_out] that the loss's forward writes on every minibatch
+        (eps, theta + mu, sigma * eps, sigma, sigmoid(rho)), allocated once. Fresh allocations of
+        this size cost page faults and cold cache lines on every step (at the MT10 shape about a
+        tenth of the update). Reuse cannot silently corrupt a gradient: writing into a tensor that
+        a pending backward saved advances its version counter, and autograd then refuses to run
+        that backward (a test checks it)."""
+        work = self._loss_work
+        if work is None or work["eps"].shape != self.mu.shape or work["eps"].device != self.mu.device \
+                or work["eps"].dtype != self.mu.dtype:
+            with torch.no_grad():
+                work = {name: torch.empty_like(self.mu) for name in ("eps", "weight", "delta", "sigma", "slope")}
+            self._loss_work = work
+        return work
 
     def forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         if mode == "mean" or not self.variational:
             return torch.baddbmm(self.bias_mean().expand(x.shape[0], 1, -1), x, self.mean_weight())
         if mode == "reparam":  # one weight sample per task: theta + mu + sigma * eps
             sigma, slope = self.sigma_and_slope()
+            work = self.loss_work()
+            eps = work["eps"].normal_()  # [T, d_in, d_out]; the numbers randn_like would draw
             return ReparamMatmul.apply(x, self.theta, self.mu, self.rho, self.noisy_bias(x.shape[0]), sigma, slope,
-                                       torch.randn_like(self.mu))
+                                       eps, work)
         if mode == "flipout":
             sigma, slope = self.sigma_and_slope()
-            eps = torch.randn_like(self.mu)  # [T, d_in, d_out], one draw per task
+            work = self.loss_work()
+            eps = work["eps"].normal_()  # [T, d_in, d_out], one draw per task; the numbers randn_like would draw
             T, n, d_in = x.shape
             # One draw for both, split into two contiguous blocks: slices along the last axis would
             # leave both strided, and every product with them slower.
             signs = random_signs((T * n * (d_in + self.mu.shape[2]),), x)
             s_in, s_out = signs[:T * n * d_in].view(T, n, d_in), signs[T * n * d_in:].view(T, n, -1)
             return FlipoutMatmul.apply(x, self.theta, self.mu, self.rho, self.noisy_bias(x.shape[0]), sigma, slope,
-                                       eps, s_in, s_out)
+                                       eps, s_in, s_out, work)
         if mode == "fixed":  # x: [T, k, d_in] with one weight sample per (task, env) row
             T, k, d_in = x.shape
             weight = self.fixed_weight(k)  # [T * k, d_in, d_out]

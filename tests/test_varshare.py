@@ -127,6 +127,21 @@ def test_hand_written_backward_equals_autograd(T, n, d_in, d_out, shared_bias, i
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["flipout", "reparam"])
+def test_a_second_loss_forward_before_backward_makes_the_first_backward_refuse(mode):
+    """The loss's forward writes eps, theta + mu and sigma * eps into tensors each layer allocates
+    once. A second forward overwrites what the first one's backward needs: autograd must then
+    refuse that backward instead of returning gradients that mix the two draws."""
+    layer = make_layer()
+    x = torch.randn(3, 4, 5)
+    first = layer(x, mode)
+    second = layer(x, mode)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.sum().backward()
+    second.sum().backward()
+    assert layer.rho.grad.abs().sum() > 0
+
+
 def test_random_signs_are_balanced_and_independent():
     s = vs.random_signs((2000, 301), torch.zeros(1))
     assert s.shape == (2000, 301) and set(s.unique().tolist()) == {-1.0, 1.0}
