@@ -281,7 +281,7 @@ def random_signs(shape, like: torch.Tensor) -> torch.Tensor:
     if key not in BYTE_SIGNS:
         BYTE_SIGNS[key] = BYTE_SIGNS[(torch.device("cpu"), torch.float32)].to(like.device, like.dtype)
     count = math.prod(shape)
-    random_bytes = torch.randint(0, 256, ((count + 7) // 8,), device=like.device)
+    random_bytes = torch.randint(0, 256, ((count + 7) // 8,), device=like.device, dtype=torch.int32)  # narrower index
     signs = BYTE_SIGNS[key].index_select(0, random_bytes)  # [count / 8, 8]
     return signs.view(-1)[:count].view(shape)
 
@@ -355,7 +355,7 @@ class ReparamMatmul(torch.autograd.Function):
             grad_x = torch.bmm(grad_y, weight.transpose(1, 2))
         grad_weight = torch.bmm(x.transpose(1, 2), grad_y)
         if ctx.needs_input_grad[3]:
-            grad_rho = grad_weight * eps * slope
+            grad_rho = torch.mul(grad_weight, eps).mul_(slope)  # one new tensor, not two
         grad_theta, grad_mu = grad_weight.sum(0), grad_weight
         if ctx.needs_input_grad[4]:
             grad_bias = grad_y.sum_to_size(ctx.bias_shape)
