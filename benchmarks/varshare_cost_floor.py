@@ -14,11 +14,19 @@ At each shape of benchmarks/update_cost.py this times, in interleaved rounds:
 The sum of the three parts is a floor on this machine: an update cannot cost less than its
 matmuls, its noise and its optimiser step. Everything above the floor is elementwise work
 (softplus, sigmoid, sign vectors, theta + mu, gradient clipping) and per-op overhead.
+
+    .venv/bin/python benchmarks/varshare_cost_floor.py --profile 10
+
+profiles that many Flipout updates at the MT10 shape instead (torch.profiler, self time of every
+op) and prints where the time goes: the floor's three parts, softplus and sigmoid of rho, the
+other elementwise work over [T, d_in, d_out] tensors, the sign draws, and the rest (activations,
+loss, small tensors, Python and autograd bookkeeping).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 import time
@@ -80,12 +88,69 @@ def adam_step(agent, optimizer):
     return optimizer.step
 
 
+MATMULS = {"aten::bmm", "aten::baddbmm", "aten::mm", "aten::addmm"}
+
+
+def op_category(name: str, shapes, residual_shapes: set) -> str:
+    """Which part of the update an op's self time belongs to, from its name and input shapes."""
+    if name in MATMULS:
+        return "batched matmuls (floor)"
+    if name == "aten::normal_":
+        return "normal draws (floor)"
+    if name == "aten::_fused_adam_":
+        return "fused Adam step (floor)"
+    if name in ("aten::random_", "aten::index_select"):  # only the sign draws use them in the update
+        return "Flipout's sign draws"
+    residual_sized = any(tuple(shape) in residual_shapes for shape in shapes or [] if shape)
+    if residual_sized and name in ("aten::softplus", "aten::sigmoid"):
+        return "softplus and sigmoid of rho"
+    if residual_sized:
+        return "other elementwise work over [T, d_in, d_out]"
+    if name.startswith("aten::"):
+        return "activations, loss and small tensors"
+    return "Python, autograd and optimiser bookkeeping"
+
+
+def profile_update(module, overrides: dict, reps: int) -> tuple[dict, int]:
+    """Self time (ms per update) of every op over ``reps`` updates at the MT10 shape, by category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step, _, n, agent, _ = setup(module, "mt10", SHAPES["mt10"], overrides)
+    for i in range(3):
+        step(i + 1)
+    residual_shapes = {tuple(layer.mu.shape) for layer in agent.layers()} if hasattr(agent, "layers") else set()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for i in range(reps):
+            step(i + 1)
+    totals = collections.defaultdict(float)
+    for event in prof.key_averages(group_by_input_shape=True):
+        totals[op_category(event.key, event.input_shapes, residual_shapes)] += event.self_cpu_time_total / 1e3 / reps
+    return totals, n
+
+
+def print_profile(mtl, varshare, reps: int) -> None:
+    flipout, n = profile_update(varshare, {}, reps)
+    reference, _ = profile_update(mtl, {}, reps)
+    total = sum(flipout.values())
+    print(f"\nmt10: where the update's time goes ({n} transitions per task per minibatch, {reps} updates "
+          f"profiled, one thread; profiled updates run slower than unprofiled ones)")
+    print("| part | VarShare Flipout, ms per update | share | ppo_mtl_embed, ms per update |")
+    print("|---|---|---|---|")
+    for name, ms in sorted(flipout.items(), key=lambda item: -item[1]):
+        print(f"| {name} | {ms:.1f} | {ms / total:.0%} | {reference.get(name, 0.0):.1f} |")
+    print(f"| total | {total:.1f} | 100% | {sum(reference.values()):.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--profile", type=int, default=0, help="profile this many MT10 Flipout updates instead")
     opts = parser.parse_args()
     torch.set_num_threads(1)
     mtl, varshare = load("ppo_mtl_embed"), load("ppo_varshare")
+    if opts.profile > 0:
+        print_profile(mtl, varshare, opts.profile)
+        return
     for env_id, shape in SHAPES.items():
         reference = setup(mtl, env_id, shape, {})
         flipout = setup(varshare, env_id, shape, {})
