@@ -55,47 +55,72 @@ def runs(request, tmp_path_factory):
     pool.close()
 
 
+SUMMARY_KEYS = {"algo", "device", "final_episodes_per_task", "final_return", "final_success_rate", "global_step",
+                "parameter_counts", "peak_memory_mb", "per_task", "perf", "task_names", "wall_time_s"}
+EVAL_KEYS = {"label", "global_step", "wall_time", "final", "episodes_per_task", "success_rate", "return", "per_task",
+             "passes"}
+
+
+def check_one_episode_result(env_id: str, result: dict) -> None:
+    """What one evaluation episode can give: CartPole pays 1 per step for 8 to 500 steps and
+    succeeds at 475; a Meta-World v2 reward lies in [0, 10] per step of at most 500, and success
+    is the env's flag (0 or 1)."""
+    ret, success = result["return"], result["success_rate"]
+    if env_id.startswith("mt") or env_id.endswith("-v3"):
+        assert 0.0 <= ret <= 10.0 * 500 and success in (0.0, 1.0), result
+    else:
+        assert ret == int(ret) and 8 <= ret <= 500 and success == float(ret >= 475), result
+
+
 def finished_run(runs, name: str) -> Path:
     """Wait for the run, check the shared run-directory contract, return the run directory."""
     pool, dirs = runs
-    script, env_id, _, total, every, task_names, _ = RUNS[name]
+    script, env_id, extra, total, every, task_names, _ = RUNS[name]
     proc = pool.result(name)
     assert proc.returncode == 0, describe(proc)
     run_dirs = list(dirs[name].iterdir())
     assert len(run_dirs) == 1, run_dirs
     run_dir = run_dirs[0]
     assert run_dir.name.startswith(f"{env_id}__{script}__1__"), run_dir.name
+    files = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events.out.tfevents."))
+    tracked = ["wandb"] if "--track" in extra else []
+    assert files == sorted(["args.json", "checkpoint.pt", "eval.jsonl", "summary.json", *tracked]), files
 
     args = json.loads((run_dir / "args.json").read_text())
     assert args["env_id"] == env_id and args["algo"] == script
     assert args["total_timesteps"] == total and args["task_names"] == task_names
+    assert args["num_steps"] == int(extra[extra.index("--num-steps") + 1])
+    assert all(args[field] is not None for field in ("num_envs_per_task", "learning_rate", "gamma", "hidden_sizes"))
 
     lines = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     periodic = list(range(every, total + 1, every))
     assert [line["global_step"] for line in lines] == periodic + [total]
     assert [line["final"] for line in lines] == [False] * len(periodic) + [True]
     for line in lines:
+        assert set(line) == EVAL_KEYS
         assert list(line["per_task"]) == task_names
         for result in line["per_task"].values():
-            assert 0.0 <= result["success_rate"] <= 1.0
-            assert isinstance(result["return"], float)
+            check_one_episode_result(env_id, result)
         assert line["episodes_per_task"] == 1
+        per_task = line["per_task"].values()
+        assert line["return"] == pytest.approx(sum(r["return"] for r in per_task) / len(task_names))
+        assert line["success_rate"] == pytest.approx(sum(r["success_rate"] for r in per_task) / len(task_names))
 
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary) == SUMMARY_KEYS
     counts = summary["parameter_counts"]
     assert set(counts) == {"total", "active", "trained_per_task"}
-    assert 0 < counts["trained_per_task"] <= counts["total"] and 0 < counts["active"] <= counts["total"]
-    assert 0.0 <= summary["final_success_rate"] <= 1.0
     assert summary["global_step"] == total
-    assert list(summary["per_task"]) == task_names
-    assert summary["final_return"] == pytest.approx(lines[-1]["return"])
+    assert summary["per_task"] == lines[-1]["per_task"]
+    assert (summary["final_return"], summary["final_success_rate"]) == (lines[-1]["return"], lines[-1]["success_rate"])
+    assert summary["final_episodes_per_task"] == 1
 
     events = list(run_dir.glob("events.out.tfevents.*"))
-    assert events and all(e.stat().st_size > 0 for e in events)
+    assert len(events) == 1 and events[0].stat().st_size > 0
 
     checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == total
-    assert {"agent", "optimizer", "obs_normalizer", "reward_scaler", "rng"} <= set(checkpoint)
+    assert set(checkpoint) == {"agent", "optimizer", "obs_normalizer", "reward_scaler", "global_step", "rng", "extra"}
     return run_dir
 
 
@@ -119,7 +144,8 @@ def test_ppo_single_on_cartpole(runs):
                 "eval/CartPole-v1/success_rate", "eval/CartPole-v1/return", "perf/env_time",
                 "perf/inference_time", "perf/update_time"]:
         assert tag in tags, f"{tag} not logged; have {sorted(tags)}"
-    assert [e.step for e in acc.Scalars("charts/SPS")] == [64, 128]
+    assert [e.step for e in acc.Scalars("charts/SPS")] == [64, 128]  # one point per iteration
+    assert [e.step for e in acc.Scalars("eval/success_rate")] == [64, 128, 128]  # two evaluations, then the final
 
 
 def test_ppo_single_on_cartpole_mt(runs):
@@ -155,9 +181,9 @@ def test_ppo_mtl_embed_on_mt3(runs):
 
 
 def test_tracked_run_works_with_wandb_offline(runs):
-    finished_run(runs, "test_tracked_run_works_with_wandb_offline")
-    pool, dirs = runs
-    offline = list(dirs["test_tracked_run_works_with_wandb_offline"].parent.rglob("offline-run-*"))
+    run_dir = finished_run(runs, "test_tracked_run_works_with_wandb_offline")
+    pool, _ = runs
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline, "no wandb offline run was written"
     assert list(offline[0].glob("run-*.wandb")), "the offline run holds no .wandb log"
     assert "Traceback" not in pool.result("test_tracked_run_works_with_wandb_offline").stderr
