@@ -48,8 +48,8 @@ def hand_case():
     """Two tasks of three transitions, every case of the clipped surrogate and of the value clip.
 
     Task 0 has advantage +2 and ratios 1.5 (above 1 + clip), 0.5 (below 1 - clip), 1.1 (inside);
-    task 1 has advantage -1 and ratios 0.5, 1.5, 0.9."""
-    ratio = torch.tensor([[1.5, 0.5, 1.1], [0.5, 1.5, 0.9]], dtype=torch.float64)
+    task 1 has advantage -1 and ratios 0.5, 1.5, 0.95."""
+    ratio = torch.tensor([[1.5, 0.5, 1.1], [0.5, 1.5, 0.95]], dtype=torch.float64)
     oldlogprob = torch.tensor([[-0.7, -1.2, -0.3], [-2.0, -0.1, -0.9]], dtype=torch.float64)
     newlogprob = (oldlogprob + ratio.log()).requires_grad_()
     advantages = torch.tensor([[2.0, 2.0, 2.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
@@ -70,8 +70,8 @@ def test_clipped_surrogate_value_clip_and_entropy_bonus_by_hand():
     # A < 0 (the pessimistic side); the loss is its negative.
     # task 0 (A = +2): r 1.5 -> 1.2 * 2 = 2.4 (clipped); r 0.5 -> 0.5 * 2 = 1.0; r 1.1 -> 2.2
     pg0 = -(2.4 + 1.0 + 2.2) / 3
-    # task 1 (A = -1): r 0.5 -> 0.8 * -1 = -0.8 (clipped); r 1.5 -> -1.5; r 0.9 -> -0.9
-    pg1 = (0.8 + 1.5 + 0.9) / 3
+    # task 1 (A = -1): r 0.5 -> 0.8 * -1 = -0.8 (clipped); r 1.5 -> -1.5; r 0.95 -> -0.95
+    pg1 = (0.8 + 1.5 + 0.95) / 3
     # Value loss: 0.5 * max((v - R)^2, (v_old + clamp(v - v_old, -clip, clip) - R)^2)
     # task 0: v 0.5 -> clipped 0.2: max(0.25, 0.64); v -0.1 inside: 1.21; v 0.1 inside: 0.04
     v0 = 0.5 * (0.64 + 1.21 + 0.04) / 3
@@ -80,15 +80,16 @@ def test_clipped_surrogate_value_clip_and_entropy_bonus_by_hand():
     ent0, ent1 = 0.8, 0.3
     # loss = policy loss - ent_coef * entropy + vf_coef * value loss
     expected = torch.tensor([pg0 - 0.1 * ent0 + 0.5 * v0, pg1 - 0.1 * ent1 + 0.5 * v1], dtype=torch.float64)
-    assert expected.tolist() == pytest.approx([-1.7891666667, 1.219375])
+    assert expected.tolist() == pytest.approx([-1.7891666667, 1.2360416667])
     torch.testing.assert_close(task_losses, expected, rtol=0, atol=1e-12)
 
     torch.testing.assert_close(stats["losses/policy_loss"], torch.tensor((pg0 + pg1) / 2, dtype=torch.float64))
     torch.testing.assert_close(stats["losses/value_loss"], torch.tensor((v0 + v1) / 2, dtype=torch.float64))
     torch.testing.assert_close(stats["losses/entropy"], torch.tensor((ent0 + ent1) / 2, dtype=torch.float64))
     # approx_kl = mean((r - 1) - log r); clipfrac = share of |r - 1| > clip (four of six)
-    kl = [(r - 1) - math.log(r) for r in (1.5, 0.5, 1.1, 0.5, 1.5, 0.9)]
+    kl = [(r - 1) - math.log(r) for r in (1.5, 0.5, 1.1, 0.5, 1.5, 0.95)]
     assert float(stats["losses/approx_kl"]) == pytest.approx(sum(kl) / 6, rel=1e-12)
+    assert sum(kl) / 6 == pytest.approx(0.0969, abs=1e-4)  # the r - 1 terms do not cancel here (mean -log r: 0.0886)
     assert float(stats["losses/clipfrac"]) == pytest.approx(4 / 6)
 
 
@@ -100,7 +101,7 @@ def test_gradient_flows_only_through_the_unclipped_side():
     policy, mb = hand_case()
     task_losses, _ = module.ppo_task_losses(loss_args(), policy, mb)
     task_losses.sum().backward()
-    expected_logprob = torch.tensor([[0.0, -2 * 0.5 / 3, -2 * 1.1 / 3], [0.0, 1.5 / 3, 0.9 / 3]], dtype=torch.float64)
+    expected_logprob = torch.tensor([[0.0, -2 * 0.5 / 3, -2 * 1.1 / 3], [0.0, 1.5 / 3, 0.95 / 3]], dtype=torch.float64)
     torch.testing.assert_close(policy.newlogprob.grad, expected_logprob, rtol=0, atol=1e-12)
     torch.testing.assert_close(policy.entropy.grad, torch.full((2, 3), -0.1 / 3, dtype=torch.float64))
     expected_value = 0.5 * torch.tensor([[0.0, -1.1, -0.2], [1.05, 1.0, -0.3]], dtype=torch.float64) / 3
@@ -113,7 +114,7 @@ def test_without_value_clipping_the_value_loss_is_the_plain_squared_error():
     task_losses, stats = module.ppo_task_losses(loss_args(clip_vloss=False, ent_coef=0.0, vf_coef=1.0), policy, mb)
     v0 = 0.5 * (0.25 + 1.21 + 0.04) / 3
     v1 = 0.5 * (1.1025 + 1.0 + 0.09) / 3
-    pg0, pg1 = -(2.4 + 1.0 + 2.2) / 3, (0.8 + 1.5 + 0.9) / 3
+    pg0, pg1 = -(2.4 + 1.0 + 2.2) / 3, (0.8 + 1.5 + 0.95) / 3
     torch.testing.assert_close(task_losses, torch.tensor([pg0 + v0, pg1 + v1], dtype=torch.float64),
                                rtol=0, atol=1e-12)
 
