@@ -99,3 +99,20 @@ def test_evaluation_policy_sees_normalised_task_major_observations():
     assert seen[0].shape == (2, 2, 2) and seen[0].dtype == np.float32
     # reset obs is [t=0, episode=1] -> ((0 - 1) / 2, (1 - 1) / 2)
     np.testing.assert_allclose(seen[0], np.broadcast_to([-0.5, 0.0], (2, 2, 2)), atol=1e-6)
+
+
+class FirstEpisodeFlagEnv(FlagEnv):
+    """``info['success']`` is 1 at step 2 of the first episode only."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        info["success"] = float(self.episode == 1 and self.t == 2)
+        return obs, reward, terminated, truncated, info
+
+
+def test_a_success_does_not_carry_into_the_next_episode():
+    envs = gym.vector.SyncVectorEnv([lambda: gym.wrappers.RecordEpisodeStatistics(FirstEpisodeFlagEnv(4, 1.0, None))],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    result = evaluate(zero_policy, envs, 1, ObsNormalizer(1, 2, per_task=False), 3, None, seed=0)
+    envs.close()
+    assert result["success"].tolist() == [pytest.approx(1 / 3)]  # episodes 2 and 3 never raise the flag
