@@ -14,7 +14,8 @@ is recorded; a slow reference then replays them:
 
 The value function is replaced by V(obs) = 10 * obs[0] + 7 so that bootstrapped values are
 known numbers. Evaluation runs after every iteration, so evaluation observations would show up in
-the statistics if evaluation updated them.
+the statistics if evaluation updated them; the evaluation policy must see its observations
+normalised with the rollout statistics of that moment.
 
 A second run records every minibatch the update sees and checks that each transition is used
 exactly once per epoch, with all its fields from the same rollout step and env.
@@ -76,11 +77,12 @@ def drift_suite():
 
 
 class RecordingEnvs:
-    """The training vector env, recording what it hands to the loop."""
+    """A vector env, recording what it hands to the loop."""
 
     def __init__(self, envs):
         self.envs = envs
         self.observations: list[np.ndarray] = []  # [T*k, d] per reset or step, in order
+        self.episodes: list[list[np.ndarray]] = []  # the same, cut at each reset
         self.steps: list[dict] = []
 
     def __getattr__(self, name):
@@ -89,6 +91,7 @@ class RecordingEnvs:
     def reset(self, **kwargs):
         obs, info = self.envs.reset(**kwargs)
         self.observations.append(obs.astype(np.float64))
+        self.episodes.append([self.observations[-1]])
         return obs, info
 
     def step(self, actions):
@@ -96,6 +99,7 @@ class RecordingEnvs:
         ended = terminated | truncated
         final_obs = np.array([info["final_obs"][i] if ended[i] else obs[i] for i in range(len(obs))], np.float64)
         self.observations.append(obs.astype(np.float64))
+        self.episodes[-1].append(self.observations[-1])
         self.steps.append(dict(reward=reward.astype(np.float64), terminated=terminated.copy(),
                                truncated=truncated.copy(), final_obs=final_obs))
         return obs, reward, terminated, truncated, info
@@ -109,15 +113,15 @@ def install_probes(module, monkeypatch, fake_values: bool):
     """Inject the drift suite and record the training env, the rollout's network calls, the GAE
     inputs and outputs, every minibatch, and the normalisers the loop builds."""
     monkeypatch.setitem(suites.MULTITASK_SUITES, "drift-mt", drift_suite)
-    seen = dict(train_envs=[], rollout=[], gae=[], minibatches=[], obs_normalizers=[], reward_scalers=[])
+    seen = dict(train_envs=[], eval_envs=[], rollout=[], evaluation=[], gae=[], minibatches=[], obs_normalizers=[],
+                reward_scalers=[])
 
     real_make_vector_env = module.make_vector_env
 
     def make_vector_env(suite, k, seed, async_envs=False, evaluation=False):
         envs, column_tasks = real_make_vector_env(suite, k, seed, async_envs, evaluation=evaluation)
-        if not evaluation:
-            envs = RecordingEnvs(envs)
-            seen["train_envs"].append(envs)
+        envs = RecordingEnvs(envs)
+        seen["eval_envs" if evaluation else "train_envs"].append(envs)
         return envs, column_tasks
 
     monkeypatch.setattr(module, "make_vector_env", make_vector_env)
@@ -136,6 +140,13 @@ def install_probes(module, monkeypatch, fake_values: bool):
     monkeypatch.setattr(module, "RewardScaler", RewardScaler)
 
     real_get_value, real_action_and_value = module.Agent.get_value, module.Agent.get_action_and_value
+    real_act_deterministic = module.Agent.act_deterministic
+
+    def act_deterministic(self, obs, task_ids):
+        seen["evaluation"].append(obs.clone())
+        return real_act_deterministic(self, obs, task_ids)
+
+    monkeypatch.setattr(module.Agent, "act_deterministic", act_deterministic)
 
     def get_value(self, obs, task_ids):
         value = real_get_value(self, obs, task_ids)
@@ -191,12 +202,14 @@ def pooled_moments(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def normalise(obs: np.ndarray, history: list[np.ndarray], per_task: bool) -> np.ndarray:
-    """obs [T*k, d] normalised with the statistics of every row in ``history`` (each [T*k, d])."""
+    """obs [T*k', d] normalised with the statistics of every rollout row in ``history`` (each [T*k, d])."""
     rows = np.stack(history)  # [N, T*k, d]
     out = np.empty_like(obs)
-    groups = [slice(t * K, (t + 1) * K) for t in range(T)] if per_task else [slice(None)]
-    for cols in groups:
-        mean, var = pooled_moments(rows[:, cols].reshape(-1, obs.shape[-1]))
+    k = obs.shape[0] // T  # 1 in evaluation
+    groups = [(slice(t * K, (t + 1) * K), slice(t * k, (t + 1) * k)) for t in range(T)] if per_task else \
+        [(slice(None), slice(None))]
+    for history_cols, cols in groups:
+        mean, var = pooled_moments(rows[:, history_cols].reshape(-1, obs.shape[-1]))
         out[cols] = (obs[cols] - mean) / np.sqrt(var + 1e-8)
     return np.clip(out, -10.0, 10.0)
 
@@ -262,6 +275,17 @@ def test_normalisers_in_the_loop_match_a_replay_of_the_raw_env_data(script, tmp_
     scaled_only = np.abs(np.stack([g["rewards"] for g in seen["gae"]]))
     assert 0.2 < scaled_only[..., 1, :].mean() / scaled_only[..., 0, :].mean() < 5.0
 
+    # Evaluation after iteration i sees its observations normalised with the statistics of the
+    # rollouts so far: the periodic env evaluates after iterations 1, 2, 3, a fresh env at the end.
+    periodic, final = seen["eval_envs"]
+    evaluations = [(episodes, i + 1) for i, episodes in enumerate(periodic.episodes)] + [(final.episodes[0], 3)]
+    assert len(evaluations) == 4
+    expected_eval = [normalise(raw, list(rollout_rows[:1 + after * S]), per_task_obs)
+                     for episodes, after in evaluations for raw in episodes[:-1]]  # the last obs is not acted on
+    assert len(seen["evaluation"]) == len(expected_eval)
+    for got, expected in zip(seen["evaluation"], expected_eval, strict=True):
+        np.testing.assert_allclose(got.reshape(T, -1).numpy(), expected, rtol=1e-5, atol=1e-5)
+
     # After the run (three evaluations and a final one), the observation statistics still hold
     # the rollout observations alone, and so does the checkpoint.
     (obs_normalizer,) = seen["obs_normalizers"]
@@ -281,6 +305,8 @@ def test_normalisers_in_the_loop_match_a_replay_of_the_raw_env_data(script, tmp_
     assert checkpoint["obs_normalizer"]["rms"]["count"] == obs_normalizer.rms.count
     (reward_scaler,) = seen["reward_scalers"]
     assert reward_scaler.rms.count == pytest.approx(PRIOR + iterations * S * K, abs=1e-9)  # k returns per step
+    np.testing.assert_array_equal(checkpoint["reward_scaler"]["rms"]["var"], reward_scaler.rms.var)
+    np.testing.assert_array_equal(checkpoint["reward_scaler"]["returns"], reward_scaler.returns)
 
 
 def test_minibatches_use_every_transition_once_per_epoch_with_aligned_fields(tmp_path, monkeypatch):
@@ -293,6 +319,7 @@ def test_minibatches_use_every_transition_once_per_epoch_with_aligned_fields(tmp
     assert len(seen["minibatches"]) == iterations * epochs * num_minibatches
     assert len(seen["gae"]) == iterations
 
+    orders = []  # (step, env) sequence of each task in each epoch
     for it in range(iterations):
         rollout = seen["rollout"][it * S:(it + 1) * S]
         obs = torch.stack([c["obs"] for c in rollout])  # [S, T, k, d]
@@ -330,3 +357,7 @@ def test_minibatches_use_every_transition_once_per_epoch_with_aligned_fields(tmp
                         assert mb["returns"][t, j] == returns[s, t, i]
             for t in range(T):
                 assert sorted(used[t]) == sorted((s, i) for s in range(S) for i in range(K)), (it, epoch, t)
+                orders.append(used[t])
+    # a fresh shuffle for every task and epoch: no two orders alike, none the rollout's own
+    assert len({tuple(order) for order in orders}) == len(orders) == iterations * epochs * T
+    assert all(order != sorted(order) for order in orders)
