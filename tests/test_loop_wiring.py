@@ -18,13 +18,10 @@ the statistics if evaluation updated them; the evaluation policy must see its ob
 normalised with the rollout statistics of that moment.
 
 A second run records every minibatch the update sees and checks that each transition is used
-exactly once per epoch, with all its fields from the same rollout step and env.
+exactly once per epoch, in a fresh shuffle, with all its fields from the same rollout step and env.
 """
 
 from __future__ import annotations
-
-import glob
-import os
 
 import gymnasium as gym
 import numpy as np
@@ -32,9 +29,8 @@ import pytest
 import torch
 
 import shared.suites as suites
-from tests.conftest import ALGOS, load_script
+from tests.conftest import load_script
 
-SCRIPTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(str(ALGOS / "ppo_*.py")))
 GAMMA = 0.9
 PRIOR = 1e-4  # RunningMeanStd's initial count, at mean 0 and variance 1
 T, K, S = 2, 2, 12
@@ -110,8 +106,9 @@ def fake_value(obs: torch.Tensor) -> torch.Tensor:
 
 
 def install_probes(module, monkeypatch, fake_values: bool):
-    """Inject the drift suite and record the training env, the rollout's network calls, the GAE
-    inputs and outputs, every minibatch, and the normalisers the loop builds."""
+    """Inject the drift suite and record the training and evaluation envs, the rollout's network
+    calls, the evaluation policy's inputs, GAE's inputs and outputs, every minibatch, and the
+    normalisers the loop builds."""
     monkeypatch.setitem(suites.MULTITASK_SUITES, "drift-mt", drift_suite)
     seen = dict(train_envs=[], eval_envs=[], rollout=[], evaluation=[], gae=[], minibatches=[], obs_normalizers=[],
                 reward_scalers=[])
