@@ -24,6 +24,7 @@ TOTAL, EVERY = 192, 128
 NOT_REPRODUCIBLE = {"wall_time", "wall_time_s", "perf", "peak_memory_mb"}  # clocks and memory
 SUMMARY_KEYS = {"algo", "device", "final_episodes_per_task", "final_return", "final_success_rate", "global_step",
                 "parameter_counts", "peak_memory_mb", "per_task", "perf", "task_names", "wall_time_s"}
+METHOD_SUMMARY_KEYS = {"ppo_varshare": {"residual_ratios"}}  # what a method adds to summary.json
 EVAL_KEYS = {"label", "global_step", "wall_time", "final", "episodes_per_task", "success_rate", "return", "per_task",
              "passes"}
 
@@ -131,7 +132,7 @@ def test_run_directory_holds_what_a_short_run_must_show(runs, script):
         assert line["success_rate"] == pytest.approx(sum(r["success_rate"] for r in line["per_task"].values()) / 2)
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert set(summary) == SUMMARY_KEYS
+    assert set(summary) == SUMMARY_KEYS | METHOD_SUMMARY_KEYS.get(script, set())
     assert summary["algo"] == script and summary["global_step"] == TOTAL and summary["task_names"] == TASKS
     assert summary["per_task"] == lines[-1]["per_task"] and summary["final_episodes_per_task"] == 2
     assert (summary["final_return"], summary["final_success_rate"]) == (lines[-1]["return"], lines[-1]["success_rate"])
