@@ -142,6 +142,7 @@ def test_run_directory_holds_what_a_short_run_must_show(runs, script):
     assert state["global_step"] == TOTAL
     assert set(state) == {"agent", "optimizer", "obs_normalizer", "reward_scaler", "global_step", "rng", "extra"}
     assert state["extra"]["algo"] == script and state["extra"]["task_names"] == tuple(TASKS)
+    assert (state["extra"]["iteration"], state["extra"]["next_eval"]) == (3, 256)  # what --resume continues from
     # every rollout observation was counted once: reset + 3 x 16 steps of 4 envs (the oracle keeps
     # one count per task, of its own 2 envs)
     rows_counted = (1 + 3 * 16) * (2 if script == "ppo_single" else 4)
