@@ -14,6 +14,7 @@ class RunningMeanStd:
         self.count = epsilon
 
     def update(self, batch: np.ndarray) -> None:
+        batch = np.asarray(batch, dtype=np.float64)  # observations arrive as float32: keep the stats float64
         batch_mean, batch_var, n = batch.mean(axis=0), batch.var(axis=0), batch.shape[0]
         delta = batch_mean - self.mean
         total = self.count + n
