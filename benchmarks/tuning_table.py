@@ -20,8 +20,9 @@ from collections import defaultdict
 
 import numpy as np
 
-# Flags that name or place a run rather than configure it.
-NOT_KNOBS = {"run_name", "run_name_suffix", "runs_dir", "seed", "track", "wandb_project_name", "wandb_entity"}
+# Flags that name, place, resume or speed up a run rather than configure what it learns.
+NOT_KNOBS = {"run_name", "run_name_suffix", "runs_dir", "seed", "track", "wandb_project_name", "wandb_entity",
+             "resume", "checkpoint_every", "torch_threads", "async_envs", "cuda"}
 
 
 def load(run_dir: str) -> dict:
