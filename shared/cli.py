@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
 from typing import Callable, TypeVar
 
@@ -21,6 +23,7 @@ def run_cli(main: Callable[[A], object], args_cls: type[A]) -> None:
 
     args = tyro.cli(args_cls)
     try:
+        check_finite(args)
         main(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -41,6 +44,19 @@ def check_budget(total_timesteps: int, batch_size: int) -> int:
 
 
 def check_positive(**values: int | float) -> None:
+    # Written as "not finite and > 0": a NaN compares false with everything, so "value <= 0" let it through.
     for name, value in values.items():
-        if value is not None and value <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive finite number, got {value}")
+
+
+def check_finite(args) -> None:
+    """Refuse a NaN or infinite value in any float flag of a script's Args (tyro parses "nan" and
+    "inf" as floats): one check for every script and every float flag, including the ones whose
+    range no other check constrains (entropy and value coefficients, target KL, method weights)."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise UsageError(f"--{field.name.replace('_', '-')} is {value}; give a finite number")

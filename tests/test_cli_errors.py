@@ -21,6 +21,10 @@ CASES = {
                           "--total-timesteps", "100"], ["--total-timesteps 100", "160"]),
     "test_task_flag_on_a_single_env_id_is_refused": (
         "ppo_single", ["--env-id", "CartPole-v1", "--task", "standard"], ["--task", "multi-task", "CartPole-v1"]),
+    "test_nan_learning_rate_is_refused": (
+        "ppo_pcgrad", ["--learning-rate", "nan"], ["--learning-rate is nan", "finite"]),
+    "test_infinite_method_flag_is_refused": (
+        "ppo_varshare", ["--beta", "inf"], ["--beta is inf", "finite"]),
 }
 
 
@@ -64,6 +68,38 @@ def test_budget_smaller_than_one_rollout_is_refused(runs):
 
 def test_task_flag_on_a_single_env_id_is_refused(runs):
     check_usage_error(runs, "test_task_flag_on_a_single_env_id_is_refused")
+
+
+def test_nan_learning_rate_is_refused(runs):
+    check_usage_error(runs, "test_nan_learning_rate_is_refused")
+
+
+def test_infinite_method_flag_is_refused(runs):
+    check_usage_error(runs, "test_infinite_method_flag_is_refused")
+
+
+SCRIPTS = ["ppo_single", "ppo_mtl_embed", "ppo_varshare", "ppo_paco", "ppo_softmod", "ppo_pcgrad"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_refuses_non_finite_float_flags(script):
+    """The same two checks in every script: any float flag (check_finite, before main) and the
+    positive ones inside the PPO core (check_positive), where NaN used to pass `value <= 0`."""
+    import math
+
+    from shared.cli import UsageError, check_finite
+    from tests.conftest import load_script
+
+    Args = load_script(script).Args
+    for flags in (dict(learning_rate=math.nan), dict(gamma=math.inf), dict(ent_coef=-math.inf),
+                  dict(target_kl=math.nan), dict(checkpoint_every=math.nan)):
+        with pytest.raises(UsageError, match="give a finite number"):
+            check_finite(Args(**flags))
+    check_finite(Args(learning_rate=1e-3, target_kl=0.02))
+    module = load_script(script)
+    for flags in (dict(learning_rate=math.nan), dict(gamma=math.inf), dict(clip_coef=-1.0)):
+        with pytest.raises(UsageError, match="must be a positive finite number"):
+            module.main(Args(env_id="cartpole-mt", **flags))
 
 
 def test_task_selection_refuses_duplicates_and_a_holdout_outside_the_list():
