@@ -43,6 +43,36 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def wandb_group(config: dict) -> str:
+    """One wandb group per row of the report: suite (with --tasks / --holdout-task), method and
+    variant (L2Soft, or the --run-name-suffix such as the capacity-matched "wide"), so that the
+    groups researchers compare in wandb are the rows the report averages."""
+    from shared.report import suite_of, variant_of
+
+    return "__".join(part for part in (suite_of(config), config["algo"], variant_of(config)) if part)
+
+
+def wandb_tags(config: dict) -> list[str]:
+    from shared.report import variant_of
+
+    tags = [config["env_id"], config["algo"], variant_of(config), f"seed-{config['seed']}"]
+    if config.get("holdout_task"):
+        tags.append(f"holdout-{config['holdout_task']}")
+    return [tag[:64] for tag in tags if tag]  # wandb refuses tags longer than 64 characters
+
+
+def wandb_summary(summary: dict) -> dict:
+    """summary.json's numbers, flat, as wandb's run summary shows them in its tables: final
+    metrics overall and per task, the three parameter counts, steps and wall time."""
+    flat = {"final/success_rate": summary["final_success_rate"], "final/return": summary["final_return"],
+            "global_step": summary["global_step"], "wall_time_s": summary["wall_time_s"]}
+    for task, result in summary["per_task"].items():
+        flat[f"final/{task}/success_rate"] = result["success_rate"]
+        flat[f"final/{task}/return"] = result["return"]
+    flat.update({f"params/{name}": count for name, count in summary["parameter_counts"].items()})
+    return {key: _jsonable(value) for key, value in flat.items()}
+
+
 class RunLogger:
     def __init__(self, args, algo: str, task_names: tuple[str, ...], runs_dir: str = "runs",
                  resume: dict | None = None):
@@ -76,8 +106,8 @@ class RunLogger:
 
             self.wandb = wandb.init(
                 project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                config=config, name=self.run_name, group=f"{args.env_id}__{algo}",
-                tags=[args.env_id, algo], dir=self.dir, save_code=True,
+                config=config, name=self.run_name, group=wandb_group(config), job_type="train",
+                tags=wandb_tags(config), dir=self.dir, save_code=True,
                 id=re.sub(r"[^A-Za-z0-9_-]", "-", self.run_name)[-64:], resume="allow",  # --resume continues it
             )
         # A resumed run rewrites the steps after its checkpoint: hide the first attempt's events there.
@@ -189,6 +219,8 @@ class RunLogger:
         }
         with open(os.path.join(self.dir, "summary.json"), "w") as f:
             json.dump({k: _jsonable(v) for k, v in summary.items()}, f, indent=2)
+        if self.wandb is not None:
+            self.wandb.summary.update(wandb_summary(summary))
         return summary
 
     def perf_summary(self) -> dict:

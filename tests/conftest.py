@@ -8,6 +8,7 @@ times slower). The subprocess runs get the same limit through OMP_NUM_THREADS.
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -82,3 +83,45 @@ def selected_test_names(request: pytest.FixtureRequest) -> set[str]:
 def describe(proc: subprocess.CompletedProcess) -> str:
     return (f"exit code {proc.returncode}\n--- stdout (tail)\n{proc.stdout[-3000:]}"
             f"\n--- stderr (tail)\n{proc.stderr[-3000:]}")
+
+
+def read_wandb_records(path: str | os.PathLike) -> list:
+    """The records of an offline run's ``run-*.wandb`` file, parsed with wandb's own protobufs.
+
+    The file is a LevelDB-style log: a 7-byte header (":W&B", magic, version), then 32 KiB blocks
+    of chunks, each with a 7-byte header (checksum, length, type: 1 full, 2 first, 3 middle,
+    4 last). No reader for it ships in the wandb package, and the tests need to see what an offline
+    run recorded (group, job type, tags, summary) without an account or a network."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos = Path(path).read_bytes(), 32768, 7
+    assert data[:4] == b":W&B", f"{path} is not a wandb run file"
+    chunks, pending = [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            chunks.append(pending)
+    records = []
+    for chunk in chunks:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(chunk)
+        records.append(record)
+    return records
+
+
+def wandb_run_and_summary(path: str | os.PathLike) -> tuple:
+    """(the run record: group, job type, tags; the summary as {key: value}) of an offline run file."""
+    import json
+
+    records = read_wandb_records(path)
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    summary = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "summary"
+               for item in r.summary.update if item.key}
+    return run, summary

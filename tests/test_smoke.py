@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from shared.params import mlp_count
-from tests.conftest import ScriptRuns, describe, selected_test_names, subprocess_env
+from tests.conftest import ScriptRuns, describe, selected_test_names, subprocess_env, wandb_run_and_summary
 
 TINY_CARTPOLE = ["--num-steps", "32", "--num-minibatches", "2", "--update-epochs", "1", "--hidden-sizes", "8", "8",
                  "--eval-episodes", "1", "--final-eval-episodes", "1"]
@@ -187,3 +187,13 @@ def test_tracked_run_works_with_wandb_offline(runs):
     assert offline, "no wandb offline run was written"
     assert list(offline[0].glob("run-*.wandb")), "the offline run holds no .wandb log"
     assert "Traceback" not in pool.result("test_tracked_run_works_with_wandb_offline").stderr
+    # group = the report's row (suite, method, variant), job type, tags, and summary.json's numbers
+    run, summary = wandb_run_and_summary(next(offline[0].glob("run-*.wandb")))
+    assert (run.run_group, run.job_type, list(run.tags)) == (
+        "CartPole-v1__ppo_single", "train", ["CartPole-v1", "ppo_single", "seed-1"])
+    expected = json.loads((run_dir / "summary.json").read_text())
+    assert summary["params/total"] == summary["params/active"] == summary["params/trained_per_task"] == 251
+    assert summary["final/return"] == pytest.approx(expected["final_return"])
+    task = expected["per_task"]["CartPole-v1"]
+    assert summary["final/CartPole-v1/success_rate"] == pytest.approx(task["success_rate"])
+    assert summary["global_step"] == 64
