@@ -1,4 +1,4 @@
-"""The study's report: ``python -m shared.report RUNS_DIR [--out report/] [--reps 50000] [--seed 0]``.
+"""The study's report: ``python -m shared.report RUNS_DIR [--out report/] [--reps 50000] [--seed 0] [--wandb]``.
 
 Reads every run directory under RUNS_DIR (a folder holding ``args.json``) through its
 ``args.json``, ``eval.jsonl`` and ``summary.json`` only, never the tensorboard files, and writes
@@ -46,6 +46,10 @@ are a few lines each; tests/test_report.py checks them on hand-computed cases, a
 score matrices they gave rliable 1.2.0's IQM and probability of improvement exactly and its
 intervals to three decimals. Intervals are seeded (``--seed``, and each row's name), so a report
 is reproducible.
+
+``--wandb`` also logs the tables (rows, per task, runs not averaged in) and the figures to one
+wandb run of job type "report" in ``--wandb-project``; it works with ``WANDB_MODE=offline`` and
+no account.
 """
 
 from __future__ import annotations
@@ -466,6 +470,20 @@ def _median(values) -> float:
     return float(np.median(np.asarray(values, dtype=float)))
 
 
+PARAMETER_COUNTS = ("total", "active", "trained_per_task")
+
+
+def row_facts(row: Row) -> dict:
+    """Seeds, median parameter counts (None where a run lacks one), median env steps and wall time."""
+    counts = [r.summary.get("parameter_counts", {}) for r in row.runs]
+    facts = {k: int(_median([c[k] for c in counts])) if all(k in c for c in counts) else None
+             for k in PARAMETER_COUNTS}
+    facts.update(seeds=len({r.args.get("seed") for r in row.runs}),
+                 env_steps=_median([r.summary.get("global_step", math.nan) for r in row.runs]),
+                 wall_time_s=_median([r.summary.get("wall_time_s", math.nan) for r in row.runs]))
+    return facts
+
+
 def suite_section(suite: str, suite_rows: list[Row], budget: int, out_dir: str) -> list[str]:
     metric = suite_rows[0].metric
     score = ("final mean return per task (success on this suite is a return threshold, so the return "
@@ -482,16 +500,12 @@ def suite_section(suite: str, suite_rows: list[Row], budget: int, out_dir: str) 
             improvement = f"{row.improvement:.2f} [{ilo:.2f}, {ihi:.2f}]"
         else:
             improvement = "(reference)" if (row.method, row.variant) == REFERENCE else "-"
-        counts = [r.summary.get("parameter_counts", {}) for r in row.runs]
-        params = " / ".join(f"{int(_median([c.get(k, math.nan) for c in counts])):,}"
-                            if all(k in c for c in counts) else "?" for k in ("total", "active", "trained_per_task"))
-        steps = _median([r.summary.get("global_step", math.nan) for r in row.runs])
-        wall = _median([r.summary.get("wall_time_s", math.nan) for r in row.runs])
-        seeds = len({r.args.get("seed") for r in row.runs})
-        lines.append(f"| {row.label} | {row.method} | {seeds} | {len(row.runs)} "
+        facts = row_facts(row)
+        params = " / ".join(f"{facts[k]:,}" if facts[k] is not None else "?" for k in PARAMETER_COUNTS)
+        lines.append(f"| {row.label} | {row.method} | {facts['seeds']} | {len(row.runs)} "
                      f"| {fmt(row.iqm, metric)} [{fmt(lo, metric)}, {fmt(hi, metric)}] "
                      f"| {fmt(float(row.scores.mean()), metric)} | {improvement} | {params} "
-                     f"| {steps:,.0f} | {wall:,.0f} |")
+                     f"| {facts['env_steps']:,.0f} | {facts['wall_time_s']:,.0f} |")
     if not has_reference:
         lines += ["", "No VarShare run (ppo_varshare, --residual variational, no suffix) here: no probability "
                       "of improvement."]
@@ -528,8 +542,10 @@ def excluded_section(runs: list[Run], runs_dir: str) -> list[str]:
     return lines + [""]
 
 
-def build_report(runs_dir: str, out_dir: str, reps: int = 50_000, seed: int = 0) -> str:
-    """Write OUT/README.md and its figures; returns the README's path."""
+def build_report(runs_dir: str, out_dir: str, reps: int = 50_000, seed: int = 0,
+                 wandb_project: str | None = None, wandb_entity: str | None = None) -> str:
+    """Write OUT/README.md and its figures; returns the README's path. With ``wandb_project``,
+    also log the tables and figures to one wandb run (job type "report")."""
     if not os.path.isdir(runs_dir):
         raise UsageError(f"runs directory '{runs_dir}' does not exist; give the folder the scripts wrote to "
                          "(their --runs-dir, default runs/)")
@@ -572,7 +588,44 @@ def build_report(runs_dir: str, out_dir: str, reps: int = 50_000, seed: int = 0)
     path = os.path.join(out_dir, "README.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
+    if wandb_project:
+        log_to_wandb(rows, runs, runs_dir, out_dir, wandb_project, wandb_entity)
     return path
+
+
+def log_to_wandb(rows: dict[str, list[Row]], runs: list[Run], runs_dir: str, out_dir: str, project: str,
+                 entity: str | None) -> None:
+    """One wandb run (job type "report") holding the report's numbers as tables (one row per suite
+    and method; one per suite, method and task; the runs not averaged in) and its PNG figures, so
+    that they sit beside the training runs (grouped by the same rows) in the project."""
+    import wandb
+
+    name = "report-" + slug(os.path.basename(os.path.abspath(runs_dir)))
+    run = wandb.init(project=project, entity=entity, job_type="report", name=name, tags=["report"],
+                     config={"runs_dir": os.path.abspath(runs_dir), "out_dir": os.path.abspath(out_dir)})
+    summary = wandb.Table(columns=[
+        "suite", "row", "script", "variant", "score", "seeds", "runs", "iqm", "ci_low", "ci_high", "mean",
+        "p_varshare_better", "p_ci_low", "p_ci_high", *(f"params_{k}" for k in PARAMETER_COUNTS), "env_steps",
+        "wall_time_s"])
+    per_task = wandb.Table(columns=["suite", "row", "task", "score", "iqm"])
+    for suite, suite_rows in rows.items():
+        for row in suite_rows:
+            facts = row_facts(row)
+            improvement = (row.improvement, *row.improvement_interval) if row.improvement is not None else (None,) * 3
+            summary.add_data(suite, row.label, row.method, row.variant, row.metric, facts["seeds"], len(row.runs),
+                             row.iqm, *row.interval, float(row.scores.mean()), *improvement,
+                             *(facts[k] for k in PARAMETER_COUNTS), facts["env_steps"], facts["wall_time_s"])
+            for j, task in enumerate(row.tasks):
+                per_task.add_data(suite, row.label, task, row.metric, iqm(row.scores[:, j]))
+    left_out = wandb.Table(columns=["run", "suite", "row", "seed", "why"])
+    for r in runs:
+        if r.problem:
+            left_out.add_data(os.path.relpath(r.dir, runs_dir), r.suite if r.args else "?",
+                              row_label(*r.key) if r.args else "?", r.args.get("seed"), r.problem)
+    figures = {f"figures/{name[:-4]}": wandb.Image(os.path.join(out_dir, name))
+               for name in sorted(os.listdir(out_dir)) if name.endswith(".png")}
+    run.log({"report/rows": summary, "report/per_task": per_task, "report/not_averaged_in": left_out, **figures})
+    run.finish()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -582,9 +635,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=50_000,
                         help="bootstrap resamples per interval (rliable's default; curves use at most 2,000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the tables and figures to a wandb run (works with WANDB_MODE=offline)")
+    parser.add_argument("--wandb-project", default="mtrl-varshare", help="the wandb project (the scripts' default)")
+    parser.add_argument("--wandb-entity", default=None, help="the wandb entity (team)")
     opts = parser.parse_args(argv)
     try:
-        path = build_report(opts.runs_dir, opts.out, opts.reps, opts.seed)
+        path = build_report(opts.runs_dir, opts.out, opts.reps, opts.seed,
+                            opts.wandb_project if opts.wandb else None, opts.wandb_entity)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

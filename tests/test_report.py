@@ -4,11 +4,13 @@ from synthetic run directories whose numbers are known in advance."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
 
 from shared import report
+from tests.conftest import PYTHON, REPO, read_wandb_records, subprocess_env
 
 MT3 = ["reach-v3", "push-v3", "pick-place-v3"]
 CARTPOLE_MT = ["standard", "long-pole", "heavy-pole", "heavy-cart", "low-gravity-weak-push"]
@@ -260,3 +262,34 @@ def test_missing_or_empty_runs_dir_is_one_sentence_and_exit_2(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and str(runs_dir) in err
     assert not (tmp_path / "report").exists()
+
+
+def test_report_logs_its_tables_and_figures_to_an_offline_wandb_run(built, tmp_path):
+    root, _, _ = built
+    out, wandb_dir = tmp_path / "report", tmp_path / "wandb"
+    wandb_dir.mkdir()
+    proc = subprocess.run([PYTHON, "-m", "shared.report", str(root), "--out", str(out), "--reps", "200", "--wandb"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(wandb_dir)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (offline,) = wandb_dir.rglob("offline-run-*")
+    records = read_wandb_records(next(offline.glob("run-*.wandb")))
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert run.job_type == "report" and list(run.tags) == ["report"]
+    logged = {}  # media are logged as nested keys: (name, field) -> value
+    for item in (i for r in records if r.WhichOneof("record_type") == "history" for i in r.history.item):
+        if len(item.nested_key) == 2:
+            logged.setdefault(item.nested_key[0], {})[item.nested_key[1]] = json.loads(item.value_json)
+    assert {logged[k]["_type"] for k in ("report/rows", "report/per_task", "report/not_averaged_in")} == {
+        "table-file"}
+    assert {k for k in logged if k.startswith("figures/")} == {
+        "figures/final_scores", "figures/learning_curves", "figures/residual_ratios_mt3"}
+    # the table files hold the report's numbers: VarShare's row on mt3 has IQM 0.5 over 3 seeds
+    table = json.loads((offline / "files" / logged["report/rows"]["path"]).read_text())
+    rows = [dict(zip(table["columns"], data, strict=True)) for data in table["data"]]
+    varshare = next(r for r in rows if (r["suite"], r["row"]) == ("mt3", "VarShare"))
+    assert (varshare["iqm"], varshare["seeds"], varshare["params_total"]) == (0.5, 3, 9001)
+    assert len(rows) == 6 and len(json.loads((offline / "files" / logged["report/per_task"]["path"]).read_text())[
+        "data"]) == 4 * 3 + 2 * 5
+    for key in ("figures/final_scores", "figures/learning_curves"):
+        assert (offline / "files" / logged[key]["path"]).read_bytes().startswith(PNG_MAGIC)
