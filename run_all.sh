@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# The main job. For now: the quick-start comparison on a small default (VarShare against the
-# shared-MTL baseline on cartpole-mt, one seed, 300k steps: a few minutes on 2 CPU cores).
-# Override the budget with TOTAL_TIMESTEPS=..., the suite with ENV_ID=..., the seed with SEED=...
+# The main job: the experiment matrix, then the report (the logic is shared/matrix.py).
+#   bash run_all.sh              the quick matrix: every method plus the capacity-matched (wide) and
+#                                L2Soft rows on cartpole-mt, seeds 1-2, about 5 minutes on 2 cores;
+#                                report in report/quick/README.md
+#   bash run_all.sh --suite mt10 --seeds 1-5 --launcher slurm            the study on a cluster
+#   bash run_all.sh --suite mt10 --seeds 1-5 --launcher slurm --status   where its tasks are
+#   bash run_all.sh --help       every option; flags after -- go to every script
+# A rerun skips finished runs, resumes interrupted ones and starts the missing ones.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 bash setup.sh
-ENV_ID=${ENV_ID:-cartpole-mt}
-SEED=${SEED:-1}
-TOTAL_TIMESTEPS=${TOTAL_TIMESTEPS:-300000}
-for algo in ppo_mtl_embed ppo_varshare; do
-  .venv/bin/python "algos/${algo}.py" --env-id "$ENV_ID" --seed "$SEED" --total-timesteps "$TOTAL_TIMESTEPS"
-done
-.venv/bin/python -m shared.summarize runs
+exec .venv/bin/python -m shared.matrix "$@"

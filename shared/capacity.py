@@ -22,7 +22,8 @@ from shared.suites import apply_suite_defaults, make_suite
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Observation size, action size, discrete: what the suite's envs report (fixed by the envs).
 SUITE_SPACES = {"cartpole-mt": (4, 2, True), "cartpole-conflict": (4, 2, True), "cartpole-identical": (4, 2, True),
-                "lunarlander-mt": (8, 4, True), "mt3": (39, 4, False), "mt10": (39, 4, False)}
+                "lunarlander-mt": (8, 4, True), "mt3-tune": (39, 4, False), "mt3": (39, 4, False),
+                "mt10": (39, 4, False)}
 
 
 def build_agent(module, env_id: str, **overrides):
@@ -35,14 +36,15 @@ def build_agent(module, env_id: str, **overrides):
         return module.make_agent(args, suite, obs_dim, act_dim, discrete)
 
 
-def matched_mtl_width(env_id: str, target_total: int) -> tuple[int, int]:
-    """Hidden width w of ppo_mtl_embed (same depth as the suite default) whose total parameter
-    count is closest to ``target_total``; returns (w, its total)."""
+def matched_mtl_width(env_id: str, target_total: int, **overrides) -> tuple[int, int]:
+    """Hidden width w of ppo_mtl_embed (same depth as the suite default, or as ``hidden_sizes`` in
+    ``overrides``, its other flags) whose total parameter count is closest to ``target_total``;
+    returns (w, its total)."""
     mtl = load_script("ppo_mtl_embed")
-    depth = len(make_suite_defaults(env_id)["hidden_sizes"])
+    depth = len(overrides.pop("hidden_sizes", None) or make_suite_defaults(env_id)["hidden_sizes"])
 
     def total(width: int) -> int:
-        return count_parameters(build_agent(mtl, env_id, hidden_sizes=(width,) * depth))["total"]
+        return count_parameters(build_agent(mtl, env_id, **overrides, hidden_sizes=(width,) * depth))["total"]
 
     width = solve_width(total, target_total, high=1 << 14)
     return width, total(width)
