@@ -261,22 +261,18 @@ def plan(suites: list[str], names: list[str], seeds: list[int], budget: int | No
     for suite in suites:
         check_suite(suite)
     check_flags(list(flags))
-    scripts = {row_script(name) for name in names}
     jobs = []
     for suite in dict.fromkeys(suites):
-        if flags:
-            for script in sorted(scripts):
-                parse_script_args(script, suite, flags)
+        rows = suite_rows(suite, names, flags)
+        for script in sorted({row.script for row in rows} if flags else ()):
+            parse_script_args(script, suite, flags)
         steps = budget if budget is not None else suite_budget(suite)
-        for row in suite_rows(suite, names, flags):
+        for row in rows:
             for seed in seeds:
                 folder = os.path.join(os.path.abspath(runs_dir), suite, row.name, f"seed{seed}")
                 jobs.append(Job(suite, row, seed, steps, flags, folder))
     return jobs
 
-
-def row_script(name: str) -> str:
-    return {"wide": "ppo_mtl_embed", "l2soft": "ppo_varshare"}.get(name, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,9 +290,8 @@ def run_directories(job: Job) -> list[str]:
     """The script's run directories in the job folder, oldest first (their names end in a timestamp)."""
     if not os.path.isdir(job.dir):
         return []
-    found = [os.path.join(job.dir, name) for name in sorted(os.listdir(job.dir))
-             if os.path.isfile(os.path.join(job.dir, name, "args.json"))]
-    return sorted(found, key=lambda d: os.path.getmtime(os.path.join(d, "args.json")))
+    return [os.path.join(job.dir, name) for name in sorted(os.listdir(job.dir))
+            if os.path.isfile(os.path.join(job.dir, name, "args.json"))]
 
 
 def is_finished(run_dir: str) -> bool:
@@ -547,9 +542,12 @@ def job_status(job: Job, queued: dict[str, tuple[str, str]]) -> tuple[str, str]:
         return ("running" if state.startswith(("RUNNING", "COMPLETING")) else "pending"), f"Slurm task {task}: {state}"
     record = job_record(job) or {}
     attempts = record.get("attempts") or []
-    log = os.path.relpath(os.path.join(job.dir, "job.log"))
-    if attempts and attempts[-1].get("exit_code") not in (None, 0):
-        return "failed", f"exit code {attempts[-1]['exit_code']} (attempt {len(attempts)}); see {log}"
+    log = display(os.path.join(job.dir, "job.log"))
+    code = attempts[-1].get("exit_code") if attempts else None
+    if code is not None and code > 0:
+        return "failed", f"exit code {code} (attempt {len(attempts)}); see {log}"
+    if code is not None and code < 0:  # stopped by a signal (Ctrl-C, kill): nothing wrong with the run itself
+        return "interrupted", f"stopped by signal {-code}: a rerun {'resumes' if action == 'resume' else 'restarts'} it"
     if action == "resume":
         return "interrupted", f"{last_progress(job) or 'checkpoint'}: a rerun resumes it; see {log}"
     if attempts:
@@ -725,9 +723,17 @@ def run_task(plan_path: str, index: int) -> int:
     print(f"[matrix] {now()} {job.name}: Slurm task {task}, restart {restarts}, host {socket.gethostname()}",
           flush=True)
 
+    began = time.time()
+
     def requeue(signum, frame):
-        if restarts >= plan_data["max_requeues"]:
-            print(f"[matrix] time limit near; not requeued: {restarts} restarts already", flush=True)
+        # Requeue only a run that has moved on: one that wrote no checkpoint in this attempt (a time
+        # limit shorter than --checkpoint-every plus start-up) would start over from the same point forever.
+        progressed = any(os.path.getmtime(os.path.join(d, "checkpoint.pt")) > began
+                         for d in run_directories(job) if has_checkpoint(d))
+        if restarts >= plan_data["max_requeues"] or not progressed:
+            why = f"{restarts} restarts already" if progressed else "no checkpoint written in this attempt"
+            print(f"[matrix] {now()} time limit near; not requeued ({why}): raise --time, or lower the scripts' "
+                  f"--checkpoint-every", flush=True)
             return
         print(f"[matrix] {now()} time limit near: requeueing {task}; it resumes from its last checkpoint", flush=True)
         subprocess.run(["scontrol", "requeue", task], check=False)
@@ -805,11 +811,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def slurm_seconds(text: str) -> int | None:
+    """sbatch --time in seconds: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+    days-hours:minutes or days-hours:minutes:seconds; None when it is none of them."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
+        return None
+    days, first, second, third = (int(g) if g else 0 for g in match.groups())
+    if match[1]:  # days-hours[:minutes[:seconds]]
+        return ((days * 24 + first) * 60 + second) * 60 + third
+    if match[4]:  # hours:minutes:seconds
+        return (first * 60 + second) * 60 + third
+    return first * 60 + second  # minutes[:seconds]
+
+
 def run_matrix(opts, flags: tuple[str, ...]) -> int:
     quick = opts.suites is None
     if opts.launcher == "slurm" and not opts.dry_run and shutil.which("sbatch") is None:
         raise UsageError("--launcher slurm needs sbatch on the PATH; run this on the cluster's login node (after "
                          "loading its Slurm module), or use --launcher local")
+    if opts.launcher == "slurm":
+        limit = slurm_seconds(opts.time)
+        if limit is not None and opts.requeue_lead >= limit:
+            raise UsageError(f"--requeue-lead {opts.requeue_lead} s is not shorter than --time {opts.time}: every task "
+                             f"would requeue itself at once; lower --requeue-lead or raise --time")
     if opts.jobs is not None and opts.jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {opts.jobs}")
     suites = list(QUICK.suites if quick else opts.suites)
@@ -855,15 +880,16 @@ def run_matrix(opts, flags: tuple[str, ...]) -> int:
         if reason != "finished":
             print(f"  skipped {job.name}: {reason}")
     if opts.launcher == "slurm":
-        if not to_run:
-            print("nothing to submit")
-        else:
+        waiting = sum(reason != "finished" for _, reason in skipped)
+        if to_run:
             array_job = submit_slurm([job for job, _, _ in to_run], runs_dir, python, slurm_options(opts), False)
             print(f"submitted Slurm array job {array_job}: {len(to_run)} tasks; logs in "
                   f"{display(os.path.join(runs_dir, 'slurm'))}/{array_job}_<task>.log and each job folder's job.log")
-            print("see where they are with the same command and --status; run it again once they are done to "
-                  "write the report")
+        if to_run or waiting:
+            print("see where the jobs are with the same command and --status; run the command again once they are "
+                  "done to write the report")
             return 0
+        print("nothing to submit: every run finished")
     failed: list[Job] = []
     if opts.launcher == "local" and to_run:
         workers = opts.jobs or len(os.sched_getaffinity(0))

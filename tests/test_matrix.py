@@ -213,15 +213,27 @@ def test_local_matrix_runs_reruns_and_resumes_then_writes_the_report(tmp_path):
     assert status.returncode == 0 and status.stdout.strip().splitlines()[-1] == "2 jobs: 2 finished"
 
 
+def test_slurm_time_limits_parse_and_a_lead_longer_than_the_limit_is_refused(capsys, monkeypatch, tmp_path):
+    assert [matrix.slurm_seconds(t) for t in ("10", "10:30", "1:00:00", "2-0", "1-12:30", "1-00:00:05", "x")] == [
+        600, 630, 3600, 172800, 131400, 86405, None]
+    (tmp_path / "sbatch").write_text("#!/bin/sh\nexit 1\n")  # on the PATH, never reached
+    (tmp_path / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    err = usage_error(capsys, "--launcher", "slurm", "--time", "4:00", "--methods", "ppo_mtl_embed")
+    assert "--requeue-lead 300 s is not shorter than --time 4:00" in err
+
+
 def test_slurm_task_requeues_itself_on_the_time_limit_signal(tmp_path):
     """USR1 (sbatch --signal, ahead of the time limit) makes the task call scontrol requeue on its own
-    array task; here scontrol is a stand-in that records its arguments."""
+    array task once its run wrote a checkpoint in this attempt; here scontrol is a stand-in that
+    records its arguments."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "scontrol-calls"
     (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
     (bin_dir / "scontrol").chmod(0o755)
-    job, = matrix.plan(["cartpole-mt"], ["ppo_mtl_embed"], [1], 40 * ITERATION, tuple(TINY), str(tmp_path / "runs"))
+    job, = matrix.plan(["cartpole-mt"], ["ppo_mtl_embed"], [1], 40 * ITERATION, (*TINY, "--checkpoint-every", "0.001"),
+                       str(tmp_path / "runs"))
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"python": PYTHON, "max_requeues": 5, "jobs": [job.to_json()]}))
     env = subprocess_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="78", SLURM_ARRAY_JOB_ID="77",
@@ -229,15 +241,20 @@ def test_slurm_task_requeues_itself_on_the_time_limit_signal(tmp_path):
     task = subprocess.Popen([PYTHON, "-m", "shared.matrix", "--run-task", str(plan), "0"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        log = os.path.join(job.dir, "job.log")
         deadline = time.time() + 120
-        while time.time() < deadline and not matrix.run_directories(job):
-            time.sleep(0.1)
-        assert matrix.run_directories(job), "the run never started"
+        while time.time() < deadline and not os.path.exists(log):  # the task has its handler from here on
+            time.sleep(0.05)
+        task.send_signal(signal.SIGUSR1)  # before the run's first checkpoint: a requeue would gain nothing
+        while time.time() < deadline and not any(matrix.has_checkpoint(d) for d in matrix.run_directories(job)):
+            time.sleep(0.05)
+        assert not calls.exists()
         task.send_signal(signal.SIGUSR1)
         out, _ = task.communicate(timeout=240)
     finally:
         task.kill()
     assert task.returncode == 0, out
+    assert "not requeued (no checkpoint written in this attempt)" in out
     assert calls.read_text().split() == ["requeue", "77_0"]
     assert "time limit near: requeueing 77_0" in out
     assert matrix.is_finished(matrix.run_directories(job)[0])  # the stand-in kills nothing: the run goes on
