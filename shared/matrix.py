@@ -378,7 +378,8 @@ def is_running(job: Job) -> bool:
 
 
 def last_progress(job: Job) -> str:
-    """'23,040/60,000 steps' from the newest progress line of job.log, or ''."""
+    """How far the job's run is, from the end of job.log: '23,040/60,000 steps' from the newest
+    progress line, or 'step 20,480' from a newer evaluation line; '' before either."""
     try:
         with open(os.path.join(job.dir, "job.log"), "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -386,8 +387,10 @@ def last_progress(job: Job) -> str:
             tail = f.read().decode(errors="replace")
     except OSError:
         return ""
-    found = re.findall(r"\] ([\d,]+/[\d,]+ steps)", tail)
-    return found[-1] if found else ""
+    found = list(re.finditer(r"\] ([\d,]+/[\d,]+ steps)|^step (\d+): eval", tail, re.MULTILINE))
+    if not found:
+        return ""
+    return found[-1][1] or f"step {int(found[-1][2]):,}"
 
 
 def final_result(run_dir: str) -> str:

@@ -148,6 +148,22 @@ def test_a_rerun_skips_finished_resumes_checkpointed_and_restarts_the_rest(tmp_p
     assert len(lines) == 5
 
 
+def test_progress_of_a_running_job_comes_from_the_end_of_its_log(tmp_path):
+    job, = matrix.plan(["cartpole-mt"], ["ppo_mtl_embed"], [1], ITERATION, (), str(tmp_path))
+    assert matrix.last_progress(job) == ""
+    os.makedirs(job.dir)
+    log = os.path.join(job.dir, "job.log")
+    with open(log, "w") as f:
+        f.write("cartpole-mt ppo_mtl_embed seed 1: building 20 training and 5 evaluation envs\n")
+    assert matrix.last_progress(job) == ""
+    with open(log, "a") as f:
+        f.write("[cartpole-mt ppo_mtl_embed seed 1] 2,560/40,960 steps (6.2%) | 512 steps/s | ETA 1m15s\n")
+    assert matrix.last_progress(job) == "2,560/40,960 steps"
+    with open(log, "a") as f:
+        f.write("step 10240: eval success 0.200 return 252.4 standard=187.8\n")
+    assert matrix.last_progress(job) == "step 10,240"
+
+
 def test_a_job_held_by_another_process_is_never_started_twice(tmp_path):
     job, = matrix.plan(["cartpole-mt"], ["ppo_mtl_embed"], [1], ITERATION, tuple(TINY), str(tmp_path))
     holder = matrix.JobLock(job)
