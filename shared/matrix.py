@@ -744,7 +744,11 @@ def run_task(plan_path: str, index: int) -> int:
     signal.signal(signal.SIGUSR1, requeue)
     # A requeued task can start while its previous attempt's processes are still being cleaned up:
     # wait for the job's lock rather than give up at once.
-    action, code = Runner(plan_data["python"], "slurm").run(job, lock_wait=120.0)
+    try:
+        action, code = Runner(plan_data["python"], "slurm").run(job, lock_wait=120.0)
+    except UsageError as err:  # the job folder was given to another configuration after submission
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"[matrix] {now()} {job.name}: {action}" + (f", exit code {code}" if code is not None else ""), flush=True)
     if action == "busy":
         print(f"[matrix] another process holds {job.dir}/job.lock; this task leaves the job to it", flush=True)
@@ -840,6 +844,12 @@ def run_matrix(opts, flags: tuple[str, ...]) -> int:
                              f"would requeue itself at once; lower --requeue-lead or raise --time")
     if opts.jobs is not None and opts.jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {opts.jobs}")
+    parser = build_parser()  # options of the other launcher would silently do nothing
+    ignored = (["jobs"] if opts.launcher == "slurm" else SLURM_FLAGS)
+    given = [name for name in ignored if getattr(opts, name) != parser.get_default(name)]
+    if given:
+        raise UsageError(f"--{given[0].replace('_', '-')} does nothing with --launcher {opts.launcher}; drop it or "
+                         f"use --launcher {'local' if opts.launcher == 'slurm' else 'slurm'}")
     suites = list(QUICK.suites if quick else opts.suites)
     runs_dir = opts.runs_dir or (QUICK.runs_dir if quick else os.path.join("runs", "matrix"))
     budget = parse_budget(opts.budget) if opts.budget is not None else (QUICK.budget if quick else None)
@@ -908,6 +918,10 @@ def run_matrix(opts, flags: tuple[str, ...]) -> int:
         print(f"{len(failed)} failed, {len(unfinished)} not finished: " + ", ".join(j.name for j in unfinished))
         return 1
     return 0
+
+
+SLURM_FLAGS = ("cpus_per_task", "mem", "time", "partition", "gpus", "max_running", "requeue_lead", "max_requeues",
+               "sbatch_option")
 
 
 def slurm_options(opts) -> SlurmOptions:

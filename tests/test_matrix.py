@@ -99,6 +99,9 @@ def test_unknown_suite_method_or_flags_get_one_sentence_and_exit_2(capsys):
     assert "--seed after -- is set by the matrix" in usage_error(capsys, "--dry-run", "--", "--seed", "3")
     err = usage_error(capsys, "--methods", "varshare", "mtl_embed", "--dry-run", "--", "--beta", "2")
     assert "algos/ppo_mtl_embed.py refuses the flags after -- (Unrecognized options: --beta, 2)" in err
+    assert "--mem does nothing with --launcher local" in usage_error(capsys, "--mem", "4G", "--dry-run")
+    assert "--jobs does nothing with --launcher slurm" in usage_error(capsys, "--launcher", "slurm", "--jobs", "2",
+                                                                      "--dry-run")
 
 
 def test_slurm_launcher_without_sbatch_on_the_path_is_refused(capsys, monkeypatch, tmp_path):
