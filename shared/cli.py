@@ -44,7 +44,7 @@ def check_budget(total_timesteps: int, batch_size: int) -> int:
 
 
 def check_positive(**values: int | float) -> None:
-    # Written as "not finite and > 0": a NaN compares false with everything, so "value <= 0" let it through.
+    # Written as "not (finite and > 0)": a NaN compares false with everything, so "value <= 0" let it through.
     for name, value in values.items():
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"--{name.replace('_', '-')} must be a positive finite number, got {value}")
