@@ -818,6 +818,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def check_writable(runs_dir: str) -> None:
+    try:
+        os.makedirs(runs_dir, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--runs-dir {runs_dir} cannot be created ({err.strerror}); choose a writable "
+                         f"folder") from None
+    if not os.access(runs_dir, os.W_OK):
+        raise UsageError(f"--runs-dir {runs_dir} is not writable; choose a writable folder")
+
+
 def slurm_seconds(text: str) -> int | None:
     """sbatch --time in seconds: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
     days-hours:minutes or days-hours:minutes:seconds; None when it is none of them."""
@@ -860,6 +870,8 @@ def run_matrix(opts, flags: tuple[str, ...]) -> int:
     if opts.status:
         print_status(jobs, runs_dir)
         return 0
+    if not opts.dry_run:
+        check_writable(runs_dir)
 
     queued = queued_tasks(runs_dir)
     to_run, skipped = [], []

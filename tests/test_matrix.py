@@ -93,12 +93,16 @@ def test_suites_run_at_their_own_budget_and_the_wide_row_follows_the_flags(tmp_p
     assert narrow[0].argv()[-4:] == ["--hidden-sizes", str(width), str(width), "--run-name-suffix", "wide"][-4:]
 
 
-def test_unknown_suite_method_or_flags_get_one_sentence_and_exit_2(capsys):
+def test_unknown_suite_method_or_flags_get_one_sentence_and_exit_2(capsys, tmp_path):
     assert "unknown suite 'mt11'" in usage_error(capsys, "--suite", "mt11", "--dry-run")
     assert "unknown method 'varshar'" in usage_error(capsys, "--methods", "varshar", "--dry-run")
     assert "--seed after -- is set by the matrix" in usage_error(capsys, "--dry-run", "--", "--seed", "3")
     err = usage_error(capsys, "--methods", "varshare", "mtl_embed", "--dry-run", "--", "--beta", "2")
     assert "algos/ppo_mtl_embed.py refuses the flags after -- (Unrecognized options: --beta, 2)" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert f"--runs-dir {blocker}/runs cannot be created" in usage_error(
+        capsys, "--methods", "ppo_mtl_embed", "--runs-dir", str(blocker / "runs"))
     assert "--mem does nothing with --launcher local" in usage_error(capsys, "--mem", "4G", "--dry-run")
     assert "--jobs does nothing with --launcher slurm" in usage_error(capsys, "--launcher", "slurm", "--jobs", "2",
                                                                       "--dry-run")
