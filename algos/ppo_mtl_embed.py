@@ -345,6 +345,8 @@ def main(args) -> dict:
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cuda and device.type == "cpu":
+        print("CUDA is not available: running on the CPU")
 
     print(f"{args.env_id} {ALGO} seed {args.seed}: building {T * k} training and {T} evaluation envs", flush=True)
     envs, column_tasks = make_vector_env(suite, k, args.seed, args.async_envs)
