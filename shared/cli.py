@@ -60,3 +60,16 @@ def check_finite(args) -> None:
         for item in values:
             if isinstance(item, float) and not math.isfinite(item):
                 raise UsageError(f"--{field.name.replace('_', '-')} is {value}; give a finite number")
+
+
+def check_writable(runs_dir: str) -> None:
+    """Create ``--runs-dir`` if needed; refuse one that cannot be created or written."""
+    import os
+
+    try:
+        os.makedirs(runs_dir, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--runs-dir {runs_dir} cannot be created ({err.strerror}); choose a writable "
+                         f"folder") from None
+    if not os.access(runs_dir, os.W_OK):
+        raise UsageError(f"--runs-dir {runs_dir} is not writable; choose a writable folder")

@@ -62,7 +62,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from shared.cli import UsageError
+from shared.cli import UsageError, check_writable
 from shared.progress import format_duration
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -816,16 +816,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-
-def check_writable(runs_dir: str) -> None:
-    try:
-        os.makedirs(runs_dir, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--runs-dir {runs_dir} cannot be created ({err.strerror}); choose a writable "
-                         f"folder") from None
-    if not os.access(runs_dir, os.W_OK):
-        raise UsageError(f"--runs-dir {runs_dir} is not writable; choose a writable folder")
 
 
 def slurm_seconds(text: str) -> int | None:

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from shared.cli import UsageError
+from shared.cli import UsageError, check_writable
 
 
 def _jsonable(value):
@@ -123,13 +123,7 @@ class RunLogger:
         self.run_name = f"{args.env_id}__{algo}__{args.seed}__{stamp}"
         if getattr(args, "run_name_suffix", ""):
             self.run_name += f"__{args.run_name_suffix}"
-        try:
-            os.makedirs(runs_dir, exist_ok=True)
-        except OSError as err:
-            raise UsageError(f"--runs-dir {runs_dir} cannot be created ({err.strerror}); choose a writable "
-                             f"directory") from None
-        if not os.access(runs_dir, os.W_OK):
-            raise UsageError(f"--runs-dir {runs_dir} is not writable; choose a writable directory")
+        check_writable(runs_dir)
         base, attempt = self.run_name, 1
         while True:  # two runs started in the same second must never share a directory
             self.dir = os.path.join(runs_dir, self.run_name)
