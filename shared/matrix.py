@@ -88,10 +88,11 @@ class Preset:
     runs_dir: str
 
 
-# The default matrix: every row on cartpole-mt, 2 seeds. 40,960 env steps is 16 iterations of 2,560
-# (5 tasks x 4 envs x 128 steps); evaluations every 4 iterations give learning curves of 4 points, with
-# 5 episodes per task (10 at the end) instead of 10 (20) to keep evaluation a small part of each run.
-QUICK = Preset(suites=("cartpole-mt",), seeds="1-2", budget=40_960,
+# The default matrix: every row on the two toy suites that show sharing and conflict (cartpole-mt,
+# cartpole-conflict), 2 seeds. 40,960 env steps is 16 iterations of 2,560 (5 tasks x 4 envs x 128
+# steps); evaluations every 4 iterations give learning curves of 4 points, with 5 episodes per task
+# (10 at the end) instead of 10 (20) to keep evaluation a small part of each run.
+QUICK = Preset(suites=("cartpole-mt", "cartpole-conflict"), seeds="1-2", budget=40_960,
                flags=("--eval-every", "10240", "--eval-episodes", "5", "--final-eval-episodes", "10"),
                runs_dir=os.path.join("runs", "quick"))
 

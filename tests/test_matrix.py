@@ -3,6 +3,7 @@ job folder, the errors it refuses with, and a tiny matrix run end to end on loca
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -59,17 +60,17 @@ def test_default_matrix_is_every_row_on_a_toy_suite_with_two_seeds(tmp_path):
                           capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr
     commands = proc.stdout.strip().splitlines()
-    assert len(commands) == 8 * 2, proc.stdout  # 6 scripts + wide + l2soft, seeds 1 and 2
+    assert len(commands) == 2 * 8 * 2, proc.stdout  # two suites x (6 scripts + wide + l2soft) x seeds 1 and 2
     for script, extra, folder in [("ppo_single", "", "ppo_single"), ("ppo_mtl_embed", "", "ppo_mtl_embed"),
                                   ("ppo_varshare", "", "ppo_varshare"), ("ppo_paco", "", "ppo_paco"),
                                   ("ppo_softmod", "", "ppo_softmod"), ("ppo_pcgrad", "", "ppo_pcgrad"),
                                   # the width shared.capacity gives on cartpole-mt (README's capacity table)
                                   ("ppo_mtl_embed", " --hidden-sizes 215 215 --run-name-suffix wide", "wide"),
                                   ("ppo_varshare", " --residual l2 --run-name-suffix l2soft", "l2soft")]:
-        for seed in (1, 2):
-            expected = (f".venv/bin/python algos/{script}.py --env-id cartpole-mt --seed {seed} --total-timesteps "
+        for suite, seed in itertools.product(("cartpole-mt", "cartpole-conflict"), (1, 2)):
+            expected = (f".venv/bin/python algos/{script}.py --env-id {suite} --seed {seed} --total-timesteps "
                         f"{matrix.QUICK.budget} {' '.join(matrix.QUICK.flags)}{extra} "
-                        f"--runs-dir {tmp_path}/cartpole-mt/{folder}/seed{seed}")
+                        f"--runs-dir {tmp_path}/{suite}/{folder}/seed{seed}")
             assert expected in commands, f"missing: {expected}"
 
 
