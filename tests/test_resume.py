@@ -113,3 +113,31 @@ def test_unwritable_runs_dir_is_refused(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     refused("ppo_mtl_embed", "cannot be created", runs_dir=str(blocker / "runs"), total_timesteps=ITERATION)
+
+
+def test_resume_keeps_only_periodic_evaluations_up_to_the_checkpoint(tmp_path):
+    """A run killed after its final evaluation (before summary.json) redoes that evaluation; lines
+    after the checkpoint's step and a line cut short by the kill are dropped too."""
+    import types
+
+    from shared.runlog import RunLogger
+
+    lines = [{"global_step": 100, "final": False}, {"global_step": 200, "final": False},
+             {"global_step": 200, "final": True}, {"global_step": 300, "final": False}]
+    text = "".join(json.dumps(line) + "\n" for line in lines) + '{"global_step": 4'
+    (tmp_path / "eval.jsonl").write_text(text)
+    RunLogger._keep_evaluations_up_to(types.SimpleNamespace(dir=str(tmp_path)), 200)
+    kept = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert kept == lines[:2]
+
+
+@pytest.mark.parametrize("every,expected", [(1e-6, [1, 2, 3, 4]), (1e9, [2, 4])])
+def test_checkpoints_at_evaluations_and_every_checkpoint_every_seconds(tmp_path, monkeypatch, every, expected):
+    module = load_script("ppo_mtl_embed")
+    saved = []
+    real = module.save_checkpoint
+    monkeypatch.setattr(module, "save_checkpoint", lambda path, *a, **k: (saved.append(a[4]), real(path, *a, **k)))
+    module.main(module.Args(env_id="cartpole-mt", total_timesteps=4 * ITERATION, eval_every=2 * ITERATION,
+                            eval_episodes=1, final_eval_episodes=1, hidden_sizes=(8,), update_epochs=1,
+                            checkpoint_every=every, runs_dir=str(tmp_path)))
+    assert saved == [i * ITERATION for i in expected]
