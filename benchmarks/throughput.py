@@ -29,6 +29,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 import tyro
@@ -140,6 +141,7 @@ def main() -> None:
                 with contextlib.redirect_stdout(sys.stderr):
                     perf = module.main(args)["perf"]
             except Exception as err:  # one broken method should not cost the others' numbers
+                traceback.print_exc()
                 rows.append((name, None, err))
                 continue
             rows.append((name, perf, None))
