@@ -22,7 +22,7 @@ LEARN_STEPS=${LEARN_STEPS:-400000}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
-export PYTHONUNBUFFERED=1 WANDB_MODE=offline MUJOCO_GL=egl
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline  # no MUJOCO_GL: nothing is rendered
 if [ -d .whl ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || { echo "installing the wheels in .whl failed"; exit 1; }
