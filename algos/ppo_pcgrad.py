@@ -98,6 +98,7 @@ from shared.params import count_parameters, per_task
 from shared.progress import Progress
 from shared.runlog import RunLogger
 from shared.suites import apply_suite_defaults, env_seed, make_suite, make_vector_env, select_tasks, space_dims
+from shared.transfer import check_shape, init_from_base, load_shared, transfer_args
 
 ALGO = "ppo_pcgrad"
 
@@ -135,7 +136,11 @@ class PPOArgs:
     tasks: Optional[list[str]] = None
     """train on these tasks of the suite only"""
     holdout_task: Optional[str] = None
-    """leave this task of the suite out (leave-one-out transfer)"""
+    """leave this task of the suite out (the base run of leave-one-out transfer)"""
+    init_from: Optional[str] = None
+    """leave-one-out transfer: start from this base run (same method and suite, this run's task held out)"""
+    transfer: Optional[Literal["finetune", "task-params"]] = None
+    """with --init-from: train every parameter (finetune) or only the new task's own parameters (task-params)"""
     num_envs_per_task: Optional[int] = None
     """envs per task k; env column i runs task i // k (default: suite table)"""
     async_envs: bool = False
@@ -311,6 +316,31 @@ def make_optimizer(args: Args, agent: Agent) -> torch.optim.Optimizer:
 def select_run_tasks(args: Args, suite):
     return select_tasks(suite, args.tasks, args.holdout_task)
 
+def transfer_weights(agent: Agent, base: dict) -> dict:
+    """Leave-one-out transfer into this one-task agent (shared/transfer.py): the base run's weights,
+    except the new task's own entries, which keep a fresh agent's start: its one-hot column of the
+    first actor and critic layers (the last input column, orthogonal init like every column) and its
+    log-std row (0). Under --transfer task-params only those entries train. A learned encoding has
+    no row for a new task that the base run's first layers could read, so it is refused."""
+    if agent.task_embedding is not None:
+        raise UsageError("--task-encoding learned has no embedding for a task the base run never saw; "
+                         "leave-one-out transfer uses the one-hot encoding (the default)")
+    first = ("actor.0.weight", "critic.0.weight")
+    own = load_shared(agent, base, skip=first)
+    state = agent.state_dict()
+    with torch.no_grad():
+        for name in first:
+            weight, base_weight = state[name], base[name]  # [h, obs_dim + 1], [h, obs_dim + T_base]
+            obs_dim = weight.shape[1] - agent.num_tasks
+            check_shape(f"{name} (observation columns)", (base_weight.shape[0], min(obs_dim, base_weight.shape[1])),
+                        (weight.shape[0], obs_dim))
+            weight[:, :obs_dim] = base_weight[:, :obs_dim]
+            mask = torch.zeros_like(weight, dtype=torch.bool)
+            mask[:, obs_dim:] = True  # the new task's column
+            own[name] = mask
+    return own
+
+
 
 def linear_layers(agent: Agent) -> list[nn.Linear]:
     return [layer for net in (agent.actor, agent.critic) for layer in net if isinstance(layer, nn.Linear)]
@@ -425,6 +455,15 @@ def shared_entries(agent: Agent, net: nn.Sequential) -> list[tuple[nn.Parameter,
 def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor, info: dict) -> dict:
     """One PCGrad step on the task-stratified minibatch: task_losses is [T]."""
     num_tasks = task_losses.shape[0]
+    if num_tasks == 1:  # nothing to project (a leave-one-out transfer run learns one task): the plain step
+        for layer in linear_layers(agent):
+            layer.last_io = None
+        optimizer.zero_grad(set_to_none=True)
+        task_losses.sum().backward()
+        grad_norm = nn.utils.clip_grad_norm_([p for p in agent.parameters() if p.grad is not None],
+                                             args.max_grad_norm)
+        optimizer.step()
+        return {"losses/grad_norm": grad_norm}
     task_grads, plain = per_task_gradients(agent, task_losses)
     optimizer.zero_grad(set_to_none=True)
     for p, g in plain.items():  # log-std and embedding rows: task-only, the plain gradient of the mean loss
@@ -508,6 +547,7 @@ def ppo_task_losses(args, agent, mb: dict) -> tuple[torch.Tensor, dict]:
 def main(args) -> dict:
     if args.resume is not None:
         args = resume_args(args, ALGO)
+    args = transfer_args(args, ALGO, transfer_weights)
     suite = make_suite(args.env_id)
     apply_suite_defaults(args, suite)
     suite = select_run_tasks(args, suite)
@@ -541,9 +581,11 @@ def main(args) -> dict:
     eval_envs, _ = make_vector_env(suite, 1, args.seed, args.async_envs, evaluation=True)
     obs_dim, act_dim, discrete = space_dims(envs)
     agent = make_agent(args, suite, obs_dim, act_dim, discrete).to(device)
-    optimizer = make_optimizer(args, agent)
     obs_normalizer = ObsNormalizer(T, obs_dim, per_task=OBS_NORM_PER_TASK)
     reward_scaler = RewardScaler(T, k, args.gamma)
+    if args.init_from is not None:  # leave-one-out transfer: the base run's shared weights (shared/transfer.py)
+        init_from_base(args, ALGO, agent, obs_normalizer, transfer_weights)
+    optimizer = make_optimizer(args, agent)
     # --resume: the run's checkpoint replaces the fresh state (RNG states too) before anything is drawn.
     resumed = (resume_checkpoint(args.resume, ALGO, agent, optimizer, obs_normalizer, reward_scaler)
                if args.resume else None)
@@ -612,6 +654,8 @@ def main(args) -> dict:
                         {"algo": ALGO, "args": dataclasses.asdict(args), "task_names": suite.task_names,
                          "iteration": iteration, "next_eval": next_eval, "wall_time": logger.elapsed()})
 
+    if args.init_from is not None and not resumed:  # the new task's score before any update
+        run_evaluation(eval_envs, args.eval_episodes, 0, final=False, label="zero-shot")
     raw_obs, _ = envs.reset(seed=env_seed(args.seed, evaluation=False) + global_step)
     raw_obs = raw_obs.reshape(T, k, obs_dim)
     obs_normalizer.update(raw_obs)

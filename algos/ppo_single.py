@@ -25,7 +25,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from shared.params import count_parameters, per_task
 from shared.progress import Progress
 from shared.runlog import RunLogger
 from shared.suites import apply_suite_defaults, env_seed, make_suite, make_vector_env, select_tasks, space_dims
+from shared.transfer import init_from_base, transfer_args
 
 ALGO = "ppo_single"
 
@@ -77,7 +78,11 @@ class PPOArgs:
     tasks: Optional[list[str]] = None
     """train on these tasks of the suite only"""
     holdout_task: Optional[str] = None
-    """leave this task of the suite out (leave-one-out transfer)"""
+    """leave this task of the suite out (the base run of leave-one-out transfer)"""
+    init_from: Optional[str] = None
+    """leave-one-out transfer: start from this base run (same method and suite, this run's task held out)"""
+    transfer: Optional[Literal["finetune", "task-params"]] = None
+    """with --init-from: train every parameter (finetune) or only the new task's own parameters (task-params)"""
     num_envs_per_task: Optional[int] = None
     """envs per task k; env column i runs task i // k (default: suite table)"""
     async_envs: bool = False
@@ -247,6 +252,10 @@ def select_run_tasks(args: Args, suite):
         return suite
     return select_tasks(suite, args.tasks, args.holdout_task)
 
+# One network per task, nothing shared: a held-out task's run is the plain run (shared/transfer.py).
+transfer_weights = None
+
+
 
 def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor, info: dict) -> dict:
     """Sum of the independent tasks' losses: each task's parameters get exactly its own gradient.
@@ -316,6 +325,7 @@ def ppo_task_losses(args, agent, mb: dict) -> tuple[torch.Tensor, dict]:
 def main(args) -> dict:
     if args.resume is not None:
         args = resume_args(args, ALGO)
+    args = transfer_args(args, ALGO, transfer_weights)
     suite = make_suite(args.env_id)
     apply_suite_defaults(args, suite)
     suite = select_run_tasks(args, suite)
@@ -349,9 +359,11 @@ def main(args) -> dict:
     eval_envs, _ = make_vector_env(suite, 1, args.seed, args.async_envs, evaluation=True)
     obs_dim, act_dim, discrete = space_dims(envs)
     agent = make_agent(args, suite, obs_dim, act_dim, discrete).to(device)
-    optimizer = make_optimizer(args, agent)
     obs_normalizer = ObsNormalizer(T, obs_dim, per_task=OBS_NORM_PER_TASK)
     reward_scaler = RewardScaler(T, k, args.gamma)
+    if args.init_from is not None:  # leave-one-out transfer: the base run's shared weights (shared/transfer.py)
+        init_from_base(args, ALGO, agent, obs_normalizer, transfer_weights)
+    optimizer = make_optimizer(args, agent)
     # --resume: the run's checkpoint replaces the fresh state (RNG states too) before anything is drawn.
     resumed = (resume_checkpoint(args.resume, ALGO, agent, optimizer, obs_normalizer, reward_scaler)
                if args.resume else None)
@@ -420,6 +432,8 @@ def main(args) -> dict:
                         {"algo": ALGO, "args": dataclasses.asdict(args), "task_names": suite.task_names,
                          "iteration": iteration, "next_eval": next_eval, "wall_time": logger.elapsed()})
 
+    if args.init_from is not None and not resumed:  # the new task's score before any update
+        run_evaluation(eval_envs, args.eval_episodes, 0, final=False, label="zero-shot")
     raw_obs, _ = envs.reset(seed=env_seed(args.seed, evaluation=False) + global_step)
     raw_obs = raw_obs.reshape(T, k, obs_dim)
     obs_normalizer.update(raw_obs)

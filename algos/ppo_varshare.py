@@ -100,6 +100,7 @@ from shared.params import count_parameters, per_task
 from shared.progress import Progress
 from shared.runlog import RunLogger
 from shared.suites import apply_suite_defaults, env_seed, make_suite, make_vector_env, select_tasks, space_dims
+from shared.transfer import init_from_base, load_shared, transfer_args
 from shared.weight_cache import WeightCacheMixin
 
 ALGO = "ppo_varshare"
@@ -138,7 +139,11 @@ class PPOArgs:
     tasks: Optional[list[str]] = None
     """train on these tasks of the suite only"""
     holdout_task: Optional[str] = None
-    """leave this task of the suite out (leave-one-out transfer)"""
+    """leave this task of the suite out (the base run of leave-one-out transfer)"""
+    init_from: Optional[str] = None
+    """leave-one-out transfer: start from this base run (same method and suite, this run's task held out)"""
+    transfer: Optional[Literal["finetune", "task-params"]] = None
+    """with --init-from: train every parameter (finetune) or only the new task's own parameters (task-params)"""
     num_envs_per_task: Optional[int] = None
     """envs per task k; env column i runs task i // k (default: suite table)"""
     async_envs: bool = False
@@ -754,6 +759,14 @@ def make_optimizer(args: Args, agent: Agent) -> torch.optim.Optimizer:
 def select_run_tasks(args: Args, suite):
     return select_tasks(suite, args.tasks, args.holdout_task)
 
+def transfer_weights(agent: Agent, base: dict) -> dict:
+    """Leave-one-out transfer into this one-task agent (shared/transfer.py): the base run's shared
+    theta and biases; the new task's residual starts at mu = 0 with sigma at its initial value (so
+    the zero-shot policy is the shared theta), its log-std row at 0. Under --transfer task-params only
+    the new task's mu, rho (and residual biases) and log-std row train."""
+    return load_shared(agent, base)
+
+
 
 def l2_layer_lambda(args: Args, layer: VarShareLinear) -> float:
     """L2Soft's lambda on one layer: --l2-lambda, or the matched beta / (2 sigma_prior^2) of the
@@ -944,6 +957,7 @@ def ppo_task_losses(args, agent, mb: dict) -> tuple[torch.Tensor, dict]:
 def main(args) -> dict:
     if args.resume is not None:
         args = resume_args(args, ALGO)
+    args = transfer_args(args, ALGO, transfer_weights)
     suite = make_suite(args.env_id)
     apply_suite_defaults(args, suite)
     suite = select_run_tasks(args, suite)
@@ -977,9 +991,11 @@ def main(args) -> dict:
     eval_envs, _ = make_vector_env(suite, 1, args.seed, args.async_envs, evaluation=True)
     obs_dim, act_dim, discrete = space_dims(envs)
     agent = make_agent(args, suite, obs_dim, act_dim, discrete).to(device)
-    optimizer = make_optimizer(args, agent)
     obs_normalizer = ObsNormalizer(T, obs_dim, per_task=OBS_NORM_PER_TASK)
     reward_scaler = RewardScaler(T, k, args.gamma)
+    if args.init_from is not None:  # leave-one-out transfer: the base run's shared weights (shared/transfer.py)
+        init_from_base(args, ALGO, agent, obs_normalizer, transfer_weights)
+    optimizer = make_optimizer(args, agent)
     # --resume: the run's checkpoint replaces the fresh state (RNG states too) before anything is drawn.
     resumed = (resume_checkpoint(args.resume, ALGO, agent, optimizer, obs_normalizer, reward_scaler)
                if args.resume else None)
@@ -1048,6 +1064,8 @@ def main(args) -> dict:
                         {"algo": ALGO, "args": dataclasses.asdict(args), "task_names": suite.task_names,
                          "iteration": iteration, "next_eval": next_eval, "wall_time": logger.elapsed()})
 
+    if args.init_from is not None and not resumed:  # the new task's score before any update
+        run_evaluation(eval_envs, args.eval_episodes, 0, final=False, label="zero-shot")
     raw_obs, _ = envs.reset(seed=env_seed(args.seed, evaluation=False) + global_step)
     raw_obs = raw_obs.reshape(T, k, obs_dim)
     obs_normalizer.update(raw_obs)
