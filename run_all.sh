@@ -5,6 +5,7 @@
 #                                report in report/quick/README.md
 #   bash run_all.sh --suite mt10 --seeds 1-5 --launcher slurm            the study on a cluster
 #   bash run_all.sh --suite mt10 --seeds 1-5 --launcher slurm --status   where its tasks are
+#   bash run_all.sh --suite mt10 --seeds 1-5 --loo all --launcher slurm   plus leave-one-out transfer
 #   bash run_all.sh --help       every option; flags after -- go to every script
 # A rerun skips finished runs, resumes interrupted ones and starts the missing ones.
 set -euo pipefail

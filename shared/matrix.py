@@ -11,7 +11,12 @@ Rows: one per method script, plus the rows the study adds (PROTOCOL section 5):
   run-name suffix ``wide``, which the report pairs with shared MTL as the capacity-matched row;
 - ``l2soft``: VarShare's deterministic ablation at the matched penalty (ppo_varshare
   ``--residual l2``), suffix ``l2soft``, which the report lists after VarShare.
-Leave-one-out rows (PROTOCOL section 7) enter in ``suite_rows``.
+VarShare's other ablation rows are not in ``--methods all`` (the quick matrix would grow by half);
+``--ablations`` adds them together with ``l2soft``, and ``--methods`` takes them by name. Each is
+ppo_varshare with one flag and a run-name suffix of the row's name:
+- ``beta0``: ``--beta 0`` (no KL: the residuals are free);
+- ``reparam``: ``--estimator reparam`` (one weight sample per task per minibatch instead of Flipout);
+- ``episode``: ``--rollout-weights episode`` (acting with a weight sample per episode, not the mean).
 
 Without ``--suite`` the matrix is the quick one (``QUICK``): every row on the toy suite with a
 small budget and short evaluations, a few minutes on 2 cores, in runs/quick. With ``--suite``,
@@ -33,12 +38,35 @@ two processes ever run one configuration at once. What a rerun does with a job:
 A job folder that holds another command (another budget or other flags) is refused before anything
 runs: one runs folder holds one matrix.
 
+Leave-one-out transfer (PROTOCOL section 7): ``--loo TASK [TASK ...]`` or ``--loo all`` adds, for
+each suite, held-out task K (a named task applies to the suites that have it), method row and seed,
+four jobs in RUNS/<suite>/loo-<K>/<row>/<regime>/seed<N>/:
+- ``base``: the script on the other T-1 tasks (``--holdout-task K``), at the matrix budget;
+- ``scratch``: the script, fresh, on K alone (``--tasks K``);
+- ``finetune`` and ``task-params``: the script on K, starting from the base run (``--init-from
+  BASE_RUN --transfer finetune|task-params``); each waits for its base.
+The three regimes run ``--loo-budget`` env steps, by default budget / T: the steps one task gets in
+the multi-task run. Method rows: the multi-task scripts among ``--methods`` (ppo_mtl_embed,
+ppo_varshare, ppo_paco, ppo_softmod, ppo_pcgrad) and ppo_single, which shares nothing and so has a
+scratch job only; the wide and ablation rows have none. A transfer job's job.json records the base
+job's folder as ``--init-from``; the base run's directory in that folder replaces it when the job
+starts. Locally a transfer job starts once its base finished, and a base that fails leaves its
+transfer jobs not run (one line each; a rerun runs them). A transfer job whose base runs in another
+process is skipped until a rerun after it finished.
+
 Slurm: one ``sbatch --array`` for the jobs that need running, one array task per job, each running
 ``python -m shared.matrix --run-task PLAN INDEX``, which starts or resumes its job exactly as a
 local rerun would. ``--requeue --open-mode=append``: a preempted or failed-node task is queued again
 and resumes from its checkpoint; before the time limit (``--signal B:USR1@lead``) the task requeues
 itself with ``scontrol requeue``. Logs per task: RUNS/slurm/<array job>_<task>.log (Slurm's
 messages) and the job's own job.log. ``--status`` says which jobs finished, failed, run or wait.
+With ``--loo`` the base jobs get an array of their own and the transfer jobs whose base has not
+finished a second one, submitted with ``--dependency=afterok:<the bases' array>`` (and the array of
+any base still queued from an earlier submission) and ``--kill-on-invalid-dep=yes``: a failed base
+cancels the transfer array instead of leaving it pending forever, and a rerun submits both again.
+The bases are apart from the other jobs so that the transfer jobs wait for them only, and a failed
+run of another row never holds them back. A transfer job finds its base run in the base job's
+folder when it starts.
 """
 
 from __future__ import annotations
@@ -66,17 +94,28 @@ from shared.cli import UsageError, check_writable
 from shared.progress import format_duration
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Row names in the order --methods lists them; "wide" and "l2soft" are the study's extra rows.
+# Row names in the order --methods lists them (--methods all); "wide" and "l2soft" are the study's extra rows.
 ROW_NAMES = ("ppo_single", "ppo_mtl_embed", "wide", "ppo_varshare", "l2soft", "ppo_paco", "ppo_softmod",
              "ppo_pcgrad")
+# VarShare's ablation rows outside --methods all: --ablations adds them (and l2soft), after l2soft.
+ABLATIONS = {"beta0": ("--beta", "0"), "reparam": ("--estimator", "reparam"),
+             "episode": ("--rollout-weights", "episode")}
+ALL_ROWS = (*ROW_NAMES[:ROW_NAMES.index("l2soft") + 1], *ABLATIONS, *ROW_NAMES[ROW_NAMES.index("l2soft") + 1:])
 # Relative cost of a run per row (from the README's toy timings; the wide row's update is the
 # largest). Local workers take the costliest jobs first, so that the last ones to start are short.
 ROW_COST = {"wide": 3.0, "ppo_softmod": 2.0, "ppo_pcgrad": 1.6, "ppo_varshare": 1.3, "ppo_mtl_embed": 1.0,
-            "l2soft": 0.9, "ppo_single": 0.8, "ppo_paco": 0.7}
+            "l2soft": 0.9, "ppo_single": 0.8, "ppo_paco": 0.7, "beta0": 1.3, "reparam": 0.9, "episode": 1.3}
+# Leave-one-out: the scripts with a base run and transfer runs (they share parameters between
+# tasks), and the regimes of each held-out task; ppo_single has the scratch regime only.
+LOO_SCRIPTS = ("ppo_mtl_embed", "ppo_varshare", "ppo_paco", "ppo_softmod", "ppo_pcgrad")
+REGIMES = ("base", "scratch", "finetune", "task-params")
 # Flags the matrix sets itself: giving them after -- would make every job of a row the same run.
 OWNED_FLAGS = {"--env-id": "--suites", "--seed": "--seeds", "--total-timesteps": "--budget",
                "--runs-dir": "--runs-dir", "--resume": "a rerun (it resumes by itself)",
-               "--run-name-suffix": "the row (wide, l2soft)"}
+               "--run-name-suffix": "the row (wide, l2soft, beta0, reparam, episode)",
+               "--init-from": "--loo", "--transfer": "--loo"}
+# ... and these too when --loo is given (they define a leave-one-out job's tasks).
+LOO_OWNED_FLAGS = {"--tasks": "--loo", "--holdout-task": "--loo"}
 
 
 @dataclass(frozen=True)
@@ -116,44 +155,68 @@ class Job:
     budget: int
     flags: tuple[str, ...]  # the flags after --, given to every script
     dir: str  # absolute: the job's folder, the script's --runs-dir
+    holdout: str = ""  # leave-one-out: the held-out task ("" for the suite's own rows)
+    regime: str = ""  # leave-one-out: base, scratch, finetune or task-params
+    base: str = ""  # finetune and task-params: the base job's folder (absolute), which holds the run to start from
 
     @property
     def name(self) -> str:
+        if self.holdout:
+            return f"{self.suite}/loo-{self.holdout}/{self.row.name}/{self.regime}/seed{self.seed}"
         return f"{self.suite}/{self.row.name}/seed{self.seed}"
 
     def script_path(self) -> str:
         return os.path.join(REPO, "algos", f"{self.row.script}.py")
 
     def argv(self) -> list[str]:
-        """The script's flags for a fresh start, without --runs-dir (recorded in job.json)."""
+        """The script's flags for a fresh start, without --runs-dir (recorded in job.json). A transfer
+        job's --init-from is its base job's folder here; ``launch_argv`` puts the base run there."""
         suffix = ["--run-name-suffix", self.row.suffix] if self.row.suffix else []
+        loo = {"": [], "base": ["--holdout-task", self.holdout], "scratch": ["--tasks", self.holdout]}.get(
+            self.regime, ["--init-from", self.base, "--transfer", self.regime])
         return ["--env-id", self.suite, "--seed", str(self.seed), "--total-timesteps", str(self.budget),
-                *self.flags, *self.row.flags, *suffix]
+                *self.flags, *self.row.flags, *suffix, *loo]
+
+    def launch_argv(self) -> list[str] | None:
+        """argv with --init-from pointing at the base job's finished run (None while it has none)."""
+        argv = self.argv()
+        if self.base:
+            base_run = finished_run(self.base)
+            if base_run is None:
+                return None
+            argv[argv.index("--init-from") + 1] = base_run
+        return argv
 
     def to_json(self) -> dict:
         return {"suite": self.suite, "row": dataclasses.asdict(self.row), "seed": self.seed, "budget": self.budget,
-                "flags": list(self.flags), "dir": self.dir}
+                "flags": list(self.flags), "dir": self.dir, "holdout": self.holdout, "regime": self.regime,
+                "base": self.base}
 
     @staticmethod
     def from_json(data: dict) -> "Job":
         row = data["row"]
         return Job(data["suite"], Row(row["name"], row["script"], row["suffix"], tuple(row["flags"])), data["seed"],
-                   data["budget"], tuple(data["flags"]), data["dir"])
+                   data["budget"], tuple(data["flags"]), data["dir"], data.get("holdout", ""),
+                   data.get("regime", ""), data.get("base", ""))
 
 
 def canonical_row(name: str) -> str:
-    if name in ROW_NAMES:
+    if name in ALL_ROWS:
         return name
-    if f"ppo_{name}" in ROW_NAMES:  # "varshare" for "ppo_varshare"
+    if f"ppo_{name}" in ALL_ROWS:  # "varshare" for "ppo_varshare"
         return f"ppo_{name}"
-    raise UsageError(f"unknown method '{name}' in --methods; use any of: {', '.join(ROW_NAMES)} (or all)")
+    raise UsageError(f"unknown method '{name}' in --methods; use any of: {', '.join(ALL_ROWS)} (or all)")
 
 
-def parse_methods(names: list[str]) -> list[str]:
+def parse_methods(names: list[str], ablations: bool = False) -> list[str]:
+    """The rows, in ALL_ROWS order, once each; ``ablations`` adds l2soft and the ABLATIONS rows."""
     if not names or names == ["all"]:
-        return list(ROW_NAMES)
-    wanted = {canonical_row(n) for name in names for n in name.split(",") if n}
-    return [name for name in ROW_NAMES if name in wanted]
+        wanted = set(ROW_NAMES)
+    else:
+        wanted = {canonical_row(n) for name in names for n in name.split(",") if n}
+    if ablations:
+        wanted |= {"l2soft", *ABLATIONS}
+    return [name for name in ALL_ROWS if name in wanted]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -168,14 +231,14 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def parse_budget(text: str) -> int:
+def parse_budget(text: str, option: str = "--budget") -> int:
     """'60000', '60k', '20M' or '1.5M' env steps."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmM]?)", text.strip())
     if not match:
-        raise UsageError(f"--budget '{text}' is not a number of env steps; write e.g. 60000, 60k or 20M")
+        raise UsageError(f"{option} '{text}' is not a number of env steps; write e.g. 60000, 60k or 20M")
     value = float(match[1]) * {"": 1, "k": 1e3, "m": 1e6}[match[2].lower()]
     if value < 1 or value != int(value):
-        raise UsageError(f"--budget '{text}' must be a whole, positive number of env steps")
+        raise UsageError(f"{option} '{text}' must be a whole, positive number of env steps")
     return int(value)
 
 
@@ -186,17 +249,24 @@ def check_suite(suite: str) -> None:
         raise UsageError(f"unknown suite '{suite}' in --suites; use any of: {', '.join(MULTITASK_SUITES)}")
 
 
+def suite_num_tasks(suite: str) -> int:
+    from shared.suites import make_suite
+
+    return make_suite(suite).num_tasks
+
+
 def suite_budget(suite: str) -> int:
     from shared.suites import SUITE_DEFAULTS, make_suite
 
     return SUITE_DEFAULTS[make_suite(suite).defaults]["total_timesteps"]
 
 
-def check_flags(flags: list[str]) -> None:
+def check_flags(flags: list[str], loo: bool = False) -> None:
+    owned = {**OWNED_FLAGS, **(LOO_OWNED_FLAGS if loo else {})}
     for flag in flags:
         name = flag.split("=", 1)[0]
-        if name in OWNED_FLAGS:
-            raise UsageError(f"{name} after -- is set by the matrix for each job; use {OWNED_FLAGS[name]} instead")
+        if name in owned:
+            raise UsageError(f"{name} after -- is set by the matrix for each job; use {owned[name]} instead")
 
 
 def parse_script_args(script: str, suite: str, flags: tuple[str, ...]):
@@ -248,20 +318,62 @@ def suite_rows(suite: str, names: list[str], flags: tuple[str, ...]) -> list[Row
             rows.append(wide_row(suite, flags))
         elif name == "l2soft":
             rows.append(Row("l2soft", "ppo_varshare", "l2soft", ("--residual", "l2")))
+        elif name in ABLATIONS:
+            rows.append(Row(name, "ppo_varshare", name, ABLATIONS[name]))
         else:
             rows.append(Row(name, name))
-    # Leave-one-out rows (PROTOCOL section 7) go here once a run can start from another run's
-    # checkpoint: per held-out task a row trained on the others (--holdout-task TASK, suffix
-    # "loo-TASK"), then the three transfer regimes, which need that row's checkpoint first (on Slurm
-    # a second array with --dependency=aftercorr on the first, task for task).
     return rows
 
 
+def loo_tasks(suites: list[str], loo: list[str]) -> dict[str, list[str]]:
+    """Held-out tasks per suite: every task for ``all``; otherwise the named tasks each suite has
+    (a name no suite has is refused)."""
+    from shared.suites import make_suite
+
+    names = {suite: list(make_suite(suite).task_names) for suite in suites}
+    if loo == ["all"]:
+        return names
+    wanted = list(dict.fromkeys(n for name in loo for n in name.split(",") if n))
+    for task in wanted:
+        if not any(task in tasks for tasks in names.values()):
+            listed = "; ".join(f"{suite}: {', '.join(tasks)}" for suite, tasks in names.items())
+            raise UsageError(f"--loo task '{task}' is in none of the suites ({listed}); name one of their tasks, "
+                             f"or all")
+    return {suite: [t for t in tasks if t in wanted] for suite, tasks in names.items()}
+
+
+def loo_jobs(suite: str, tasks: list[str], names: list[str], seeds: list[int], budget: int, loo_budget: int,
+             flags: tuple[str, ...], root: str) -> list[Job]:
+    """Per held-out task, method row and seed: the base job, then scratch, finetune and task-params
+    (ppo_single: scratch only), in RUNS/<suite>/loo-<task>/<row>/<regime>/seed<N>/."""
+    jobs = []
+    for task in tasks:
+        for name in names:
+            row = Row(name, name)
+            regimes = REGIMES if name in LOO_SCRIPTS else ("scratch",)
+            for regime in regimes:
+                for seed in seeds:
+                    folder = os.path.join(root, suite, f"loo-{task}", name, regime, f"seed{seed}")
+                    base = os.path.join(root, suite, f"loo-{task}", name, "base", f"seed{seed}")
+                    jobs.append(Job(suite, row, seed, budget if regime == "base" else loo_budget, flags, folder,
+                                    holdout=task, regime=regime,
+                                    base=base if regime in ("finetune", "task-params") else ""))
+    return jobs
+
+
 def plan(suites: list[str], names: list[str], seeds: list[int], budget: int | None, flags: tuple[str, ...],
-         runs_dir: str) -> list[Job]:
+         runs_dir: str, loo: list[str] | None = None, loo_budget: int | None = None) -> list[Job]:
+    """The matrix's jobs: suites x rows x seeds, then with ``loo`` (task names, or ["all"]) the
+    leave-one-out jobs of each suite (``loo_jobs``) at ``loo_budget`` (default: the budget / T)."""
     for suite in suites:
         check_suite(suite)
-    check_flags(list(flags))
+    check_flags(list(flags), loo=bool(loo))
+    loo_names = [name for name in names if name in (*LOO_SCRIPTS, "ppo_single")] if loo else []
+    if loo and not loo_names:
+        raise UsageError(f"--loo needs one of {', '.join(('ppo_single', *LOO_SCRIPTS))} in --methods (the wide and "
+                         f"ablation rows have no leave-one-out jobs)")
+    held_out = loo_tasks(list(dict.fromkeys(suites)), loo) if loo else {}
+    root = os.path.abspath(runs_dir)
     jobs = []
     for suite in dict.fromkeys(suites):
         rows = suite_rows(suite, names, flags)
@@ -270,8 +382,15 @@ def plan(suites: list[str], names: list[str], seeds: list[int], budget: int | No
         steps = budget if budget is not None else suite_budget(suite)
         for row in rows:
             for seed in seeds:
-                folder = os.path.join(os.path.abspath(runs_dir), suite, row.name, f"seed{seed}")
+                folder = os.path.join(root, suite, row.name, f"seed{seed}")
                 jobs.append(Job(suite, row, seed, steps, flags, folder))
+        if held_out.get(suite):
+            num_tasks = suite_num_tasks(suite)
+            per_task = loo_budget if loo_budget is not None else steps // num_tasks
+            if per_task < 1:
+                raise UsageError(f"the budget {steps:,} leaves no env steps for one of {suite}'s {num_tasks} tasks; "
+                                 f"give --loo-budget")
+            jobs += loo_jobs(suite, held_out[suite], loo_names, seeds, steps, per_task, flags, root)
     return jobs
 
 
@@ -289,10 +408,19 @@ def read_json(path: str):
 
 def run_directories(job: Job) -> list[str]:
     """The script's run directories in the job folder, oldest first (their names end in a timestamp)."""
-    if not os.path.isdir(job.dir):
+    return folder_runs(job.dir)
+
+
+def folder_runs(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
         return []
-    return [os.path.join(job.dir, name) for name in sorted(os.listdir(job.dir))
-            if os.path.isfile(os.path.join(job.dir, name, "args.json"))]
+    return [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, name, "args.json"))]
+
+
+def finished_run(folder: str) -> str | None:
+    """The newest finished run directory in a job folder (a transfer job's base run), or None."""
+    return next((run_dir for run_dir in reversed(folder_runs(folder)) if is_finished(run_dir)), None)
 
 
 def is_finished(run_dir: str) -> bool:
@@ -416,9 +544,11 @@ def now() -> str:
 
 
 def job_command(job: Job, action: str, run_dir: str | None, python: str) -> list[str]:
+    """The script's command line; a transfer job whose base has not finished yet keeps the base
+    job's folder as --init-from (what --dry-run shows)."""
     if action == "resume":
         return [python, job.script_path(), "--resume", run_dir]
-    return [python, job.script_path(), *job.argv(), "--runs-dir", job.dir]
+    return [python, job.script_path(), *(job.launch_argv() or job.argv()), "--runs-dir", job.dir]
 
 
 def remove_stale_runs(job: Job, log) -> None:
@@ -457,10 +587,16 @@ class Runner:
             action, run_dir = next_action(job)
             if action == "finished":
                 return action, None
+            if action == "start" and job.base and finished_run(job.base) is None:
+                with open(os.path.join(job.dir, "job.log"), "a") as log:
+                    log.write(f"[matrix] {now()} not started: its base run in {job.base} has not finished\n")
+                return "no base", None
             attempt = {"started": now(), "action": action, "run_dir": run_dir, "launcher": self.launcher,
                        "host": socket.gethostname()}
             if os.environ.get("SLURM_JOB_ID"):
                 attempt.update(slurm_task=slurm_task_id(), restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+            if action == "start" and job.base:
+                attempt["init_from"] = finished_run(job.base)  # the base run this attempt starts from
             with open(os.path.join(job.dir, "job.log"), "a") as log:
                 if action == "start":
                     remove_stale_runs(job, log)
@@ -556,6 +692,8 @@ def job_status(job: Job, queued: dict[str, tuple[str, str]]) -> tuple[str, str]:
         return "interrupted", f"{last_progress(job) or 'checkpoint'}: a rerun resumes it; see {log}"
     if attempts:
         return "interrupted", f"stopped before its first checkpoint: a rerun starts it again; see {log}"
+    if job.base and finished_run(job.base) is None:
+        return "not started", f"after its base in {display(job.base)}"
     return "not started", ""
 
 
@@ -587,10 +725,21 @@ def display_command(command: list[str]) -> str:
     return shlex.join([display(part) if os.path.isabs(part) else part for part in command])
 
 
+def local_order(job: Job) -> tuple:
+    """Leave-one-out bases first (each holds back two transfer jobs), then the suite's rows, then the
+    short leave-one-out runs; within each, the costliest row first, so that the last to start are short."""
+    stage = 0 if job.regime == "base" else 1 if not job.regime else 2
+    return stage, -ROW_COST.get(job.row.name, 1.0)
+
+
 def run_local(jobs: list[Job], workers: int, python: str) -> list[Job]:
-    """Run the jobs on ``workers`` parallel processes; returns the jobs that failed."""
+    """Run the jobs on ``workers`` parallel processes; returns the jobs that failed, or that were
+    not run because their base failed. A transfer job starts once its base finished; while it waits,
+    the workers take the next jobs that can start."""
     runner = Runner(python, "local")
-    order = sorted(jobs, key=lambda j: -ROW_COST.get(j.row.name, 1.0))  # stable: suites and seeds keep their order
+    order = sorted(jobs, key=local_order)  # stable: suites and seeds keep their order
+    in_run = {job.dir: job for job in jobs}
+    ended: dict[str, bool] = {}  # job folder -> whether its run finished, for the jobs of this run that ended
     failed: list[Job] = []
     remaining = list(order)
     active: dict[str, tuple[Job, threading.Thread, float]] = {}
@@ -601,10 +750,34 @@ def run_local(jobs: list[Job], workers: int, python: str) -> list[Job]:
     def work(job: Job) -> None:
         results[job.name] = runner.run(job)
 
+    def blocked(job: Job) -> str | None:
+        """None when the job may start; "wait" while its base runs here; else why it cannot run."""
+        if not job.base or finished_run(job.base) is not None:
+            return None
+        base = in_run.get(job.base)
+        if base is not None and base.dir not in ended:
+            return "wait"
+        if base is not None and results.get(base.name, ("",))[0] == "busy":
+            return f"its base {base.name} runs in another process; run the matrix again once it finished"
+        if base is not None:
+            return f"its base {base.name} failed"
+        return f"its base run in {display(job.base)} has not finished"
+
     try:
         while remaining or active:
-            while remaining and len(active) < workers:
-                job = remaining.pop(0)
+            for job in list(remaining):
+                if len(active) >= workers:
+                    break
+                why = blocked(job)
+                if why == "wait":
+                    continue
+                remaining.remove(job)
+                if why is not None:
+                    done += 1
+                    failed.append(job)
+                    ended[job.dir] = False
+                    print(f"  NOT RUN {job.name} ({done}/{total}): {why}; a rerun runs it", flush=True)
+                    continue
                 thread = threading.Thread(target=work, args=(job,), daemon=True)
                 active[job.name] = (job, thread, time.monotonic())
                 thread.start()
@@ -617,6 +790,7 @@ def run_local(jobs: list[Job], workers: int, python: str) -> list[Job]:
                 del active[name]
                 done += 1
                 action, code = results.get(name, ("error", None))
+                ended[job.dir] = next_action(job)[0] == "finished"
                 took = format_duration(time.monotonic() - began)
                 if action == "busy":
                     print(f"  skipped {name}: another process runs it", flush=True)
@@ -624,6 +798,9 @@ def run_local(jobs: list[Job], workers: int, python: str) -> list[Job]:
                     run_dir = next_action(job)[1]
                     print(f"  done {name} in {took} ({done}/{total}): {final_result(run_dir) if run_dir else ''}",
                           flush=True)
+                elif action == "no base":
+                    failed.append(job)
+                    print(f"  NOT RUN {name}: its base run in {display(job.base)} has not finished", flush=True)
                 else:
                     failed.append(job)
                     print(f"  FAILED {name} after {took} (exit code {code}); last lines of "
@@ -663,11 +840,12 @@ class SlurmOptions:
     job_name: str = "mtrl-matrix"
 
 
-def sbatch_script(plan_path: str, count: int, logs: str, python: str, opts: SlurmOptions) -> str:
+def sbatch_script(plan_path: str, count: int, logs: str, python: str, opts: SlurmOptions, note: str = "") -> str:
     """The batch script of one job array: one task per job of the plan."""
     throttle = f"%{opts.max_running}" if opts.max_running else ""
     lines = ["#!/bin/bash",
              "# One array task per run of the matrix (shared/matrix.py): it starts or resumes its run.",
+             *([f"# {note}"] if note else []),
              f"#SBATCH --job-name={opts.job_name}",
              f"#SBATCH --array=0-{count - 1}{throttle}",
              f"#SBATCH --cpus-per-task={opts.cpus_per_task}",
@@ -688,32 +866,74 @@ def sbatch_script(plan_path: str, count: int, logs: str, python: str, opts: Slur
     return "\n".join(lines) + "\n"
 
 
-def submit_slurm(jobs: list[Job], runs_dir: str, python: str, opts: SlurmOptions, dry_run: bool) -> str | None:
-    """Write the plan and the batch script under RUNS/slurm and submit one array; returns its job id."""
+# The arrays of one submission: (part of the file names and job name, note in the batch script).
+ARRAYS = {"": ("", ""),
+          "bases": (".bases", "Leave-one-out base runs: the transfer array waits for this one (afterok)."),
+          "transfers": (".transfers", "Leave-one-out transfer runs, submitted with --dependency=afterok on the "
+                                      "array of their base runs: each starts from its base job's finished run.")}
+
+
+def submit_slurm(jobs: list[Job], runs_dir: str, python: str, opts: SlurmOptions, dry_run: bool, part: str = "",
+                 after: list[str] | None = None, stamp: str | None = None) -> str | None:
+    """Write the plan and the batch script under RUNS/slurm and submit one array; returns its job id.
+    ``part`` names one of the ARRAYS; ``after``: array job ids that must all end well first
+    (--dependency=afterok; on a dry run the placeholder text for the bases' array is allowed)."""
     slurm_dir = os.path.join(os.path.abspath(runs_dir), "slurm")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    plan_path = os.path.join(slurm_dir, f"{stamp}.plan.json")
-    script = sbatch_script(plan_path, len(jobs), slurm_dir, python, opts)
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    suffix, note = ARRAYS[part]
+    plan_path = os.path.join(slurm_dir, f"{stamp}{suffix}.plan.json")
+    script_path = os.path.join(slurm_dir, f"{stamp}{suffix}.sbatch")
+    job_name = opts.job_name + (f"-{part}" if part else "")
+    script = sbatch_script(plan_path, len(jobs), slurm_dir, python, dataclasses.replace(opts, job_name=job_name), note)
+    dependency = ["--dependency=afterok:" + ":".join(after), "--kill-on-invalid-dep=yes"] if after else []
+    command = ["sbatch", "--parsable", *dependency, script_path]
     if dry_run:
-        print("# the batch script (not submitted):")
+        print(f"# the batch script{f' of the {part}' if part else ''} (not submitted):")
         print("\n".join(f"# | {line}" for line in script.splitlines()))
+        print(f"# submitted with: {' '.join(command[:-1])} {display(script_path)}")
         return None
     os.makedirs(slurm_dir, exist_ok=True)
     with open(plan_path, "w") as f:
         json.dump({"python": python, "max_requeues": opts.max_requeues, "jobs": [job.to_json() for job in jobs]},
                   f, indent=2)
-    script_path = os.path.join(slurm_dir, f"{stamp}.sbatch")
     with open(script_path, "w") as f:
         f.write(script)
-    proc = subprocess.run(["sbatch", "--parsable", script_path], capture_output=True, text=True)
+    proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         raise UsageError(f"sbatch refused {display(script_path)} ({proc.stderr.strip() or proc.stdout.strip()}); fix "
                          f"the Slurm options (--partition, --time, --mem, --sbatch-option) and rerun")
     array_job = proc.stdout.strip().split(";")[0]
     with open(os.path.join(slurm_dir, "submissions.jsonl"), "a") as f:
         f.write(json.dumps({"array_job": array_job, "submitted": now(), "plan": plan_path, "script": script_path,
-                            "jobs": [job.name for job in jobs]}) + "\n")
+                            "jobs": [job.name for job in jobs], "after": after or []}) + "\n")
     return array_job
+
+
+def submit_arrays(to_run: list[Job], by_dir: dict[str, Job], queued: dict[str, tuple[str, str]], runs_dir: str,
+                  python: str, opts: SlurmOptions, dry_run: bool) -> list[tuple[str | None, str, list[Job]]]:
+    """Submit the jobs that need running as up to three arrays: the jobs that wait for nothing, the
+    leave-one-out bases, and the transfer jobs whose base has not finished, after the bases' array
+    and any earlier array in which a base is still queued. Returns (array job id, part, jobs) each."""
+    pending = {job.dir for job in to_run}
+    bases = [job for job in to_run if job.regime == "base"]
+    waiting = [job for job in to_run if job.base and finished_run(job.base) is None]
+    free = [job for job in to_run if job not in bases and job not in waiting]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    submitted = []
+    for part, jobs in (("", free), ("bases", bases)):
+        if jobs:
+            submitted.append((submit_slurm(jobs, runs_dir, python, opts, dry_run, part, stamp=stamp), part, jobs))
+    if waiting:
+        after = set()
+        for job in waiting:
+            base = by_dir[job.base]
+            if base.dir in pending:
+                after.add(submitted[-1][0] or "<the bases' array job>")
+            else:  # queued from an earlier submission (run_matrix leaves out the other cases)
+                after.add(queued[base.name][0].split("_")[0])
+        submitted.append((submit_slurm(waiting, runs_dir, python, opts, dry_run, "transfers", sorted(after), stamp),
+                          "transfers", waiting))
+    return submitted
 
 
 def run_task(plan_path: str, index: int) -> int:
@@ -754,6 +974,9 @@ def run_task(plan_path: str, index: int) -> int:
     if action == "busy":
         print(f"[matrix] another process holds {job.dir}/job.lock; this task leaves the job to it", flush=True)
         return 0
+    if action == "no base":
+        print(f"[matrix] its base run in {job.base} has not finished; run the matrix again once it has", flush=True)
+        return 1
     return code or 0
 
 
@@ -769,11 +992,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"multi-task suites (default: the quick matrix, {', '.join(QUICK.suites)} at "
                              f"{QUICK.budget:,} steps)")
     parser.add_argument("--methods", "--method", nargs="+", default=["all"],
-                        help=f"rows: {' '.join(ROW_NAMES)} (ppo_ may be left out), or all")
+                        help=f"rows: {' '.join(ALL_ROWS)} (ppo_ may be left out), or all (every row but "
+                             f"{', '.join(ABLATIONS)})")
+    parser.add_argument("--ablations", action="store_true",
+                        help=f"add VarShare's ablation rows: l2soft and {', '.join(ABLATIONS)} (ppo_varshare with "
+                             + ", ".join(f"{' '.join(flags)}" for flags in ABLATIONS.values()) + ")")
     parser.add_argument("--seeds", default=QUICK.seeds, help="seeds, e.g. 1-5, 1,3 or 1-3,7")
     parser.add_argument("--budget", default=None,
                         help="total env steps per run, e.g. 3M (default: the suite's own; the quick matrix's "
                              f"{QUICK.budget:,} without --suites)")
+    parser.add_argument("--loo", nargs="+", default=None, metavar="TASK",
+                        help="leave-one-out transfer: for each named task (or all), method and seed a base run on "
+                             "the other tasks, then scratch, finetune and task-params runs on the task; in "
+                             "RUNS/<suite>/loo-<task>/<method>/<regime>/seed<N>/")
+    parser.add_argument("--loo-budget", default=None,
+                        help="env steps of each scratch, finetune and task-params run (default: the budget / the "
+                             "suite's number of tasks, one task's share of the multi-task run)")
     parser.add_argument("--runs-dir", default=None,
                         help=f"where the job folders go (default: {QUICK.runs_dir} for the quick matrix, "
                              f"{os.path.join('runs', 'matrix')} with --suites)")
@@ -854,8 +1088,12 @@ def run_matrix(opts, flags: tuple[str, ...]) -> int:
     suites = list(QUICK.suites if quick else opts.suites)
     runs_dir = opts.runs_dir or (QUICK.runs_dir if quick else os.path.join("runs", "matrix"))
     budget = parse_budget(opts.budget) if opts.budget is not None else (QUICK.budget if quick else None)
+    if opts.loo_budget is not None and not opts.loo:
+        raise UsageError("--loo-budget sets the leave-one-out runs' budget; give --loo TASK (or --loo all) with it")
+    loo_budget = parse_budget(opts.loo_budget, "--loo-budget") if opts.loo_budget is not None else None
     all_flags = (QUICK.flags if quick else ()) + flags
-    jobs = plan(suites, parse_methods(opts.methods), parse_seeds(opts.seeds), budget, all_flags, runs_dir)
+    jobs = plan(suites, parse_methods(opts.methods, opts.ablations), parse_seeds(opts.seeds), budget, all_flags,
+                runs_dir, loo=opts.loo, loo_budget=loo_budget)
     for job in jobs:
         check_same_command(job)
     if opts.status:
@@ -865,6 +1103,7 @@ def run_matrix(opts, flags: tuple[str, ...]) -> int:
         check_writable(runs_dir)
 
     queued = queued_tasks(runs_dir)
+    by_dir = {job.dir: job for job in jobs}
     to_run, skipped = [], []
     for job in jobs:
         action, run_dir = next_action(job)
@@ -876,17 +1115,32 @@ def run_matrix(opts, flags: tuple[str, ...]) -> int:
             skipped.append((job, f"queued in Slurm as {queued[job.name][0]} ({queued[job.name][1]})"))
         else:
             to_run.append((job, action, run_dir))
+    # A transfer job can start once its base finished, or after it in this matrix or in Slurm's queue;
+    # a base that runs in another process (another local matrix) leaves it to a later rerun.
+    will_run = {job.dir for job, _, _ in to_run}
+    for item in list(to_run):
+        job = item[0]
+        if (item[1] == "start" and job.base and finished_run(job.base) is None and job.base not in will_run
+                and by_dir[job.base].name not in queued):
+            to_run.remove(item)
+            skipped.append((job, f"its base {by_dir[job.base].name} runs in another process; run the matrix "
+                                 f"again once it finished"))
     python = sys.executable
     if opts.dry_run:
         for job, reason in skipped:
             print(f"# skip {job.name}: {reason}")
         for job, action, run_dir in to_run:
-            print(display_command(job_command(job, action, run_dir, python)))
+            waits = action == "start" and job.base and finished_run(job.base) is None
+            print(display_command(job_command(job, action, run_dir, python))
+                  + (f"  # after {by_dir[job.base].name}: --init-from is its run directory" if waits else ""))
         if opts.launcher == "slurm" and to_run:
-            submit_slurm([job for job, _, _ in to_run], runs_dir, python, slurm_options(opts), dry_run=True)
+            submit_arrays([job for job, _, _ in to_run], by_dir, queued, runs_dir, python, slurm_options(opts),
+                          dry_run=True)
         return 0
 
-    print(f"matrix: {len(jobs)} jobs ({', '.join(suites)}; {len({j.row.name for j in jobs})} rows; seeds "
+    held_out = sorted({(j.suite, j.holdout) for j in jobs if j.holdout})
+    print(f"matrix: {len(jobs)} jobs ({', '.join(suites)}; {len({j.row.name for j in jobs if not j.holdout})} rows"
+          + (f"; leave-one-out of {len(held_out)} tasks" if held_out else "") + f"; seeds "
           f"{opts.seeds}; {', '.join(sorted({f'{j.budget:,}' for j in jobs}))} env steps) in {display(runs_dir)}: "
           f"{sum(r == 'finished' for _, r in skipped)} finished, "
           f"{sum(r != 'finished' for _, r in skipped)} running elsewhere, "
@@ -898,9 +1152,14 @@ def run_matrix(opts, flags: tuple[str, ...]) -> int:
     if opts.launcher == "slurm":
         waiting = sum(reason != "finished" for _, reason in skipped)
         if to_run:
-            array_job = submit_slurm([job for job, _, _ in to_run], runs_dir, python, slurm_options(opts), False)
-            print(f"submitted Slurm array job {array_job}: {len(to_run)} tasks; logs in "
-                  f"{display(os.path.join(runs_dir, 'slurm'))}/{array_job}_<task>.log and each job folder's job.log")
+            arrays = submit_arrays([job for job, _, _ in to_run], by_dir, queued, runs_dir, python,
+                                   slurm_options(opts), False)
+            for array_job, part, array in arrays:
+                what = {"": "", "bases": " (leave-one-out bases)",
+                        "transfers": " (leave-one-out transfer runs, after their bases)"}[part]
+                print(f"submitted Slurm array job {array_job}{what}: {len(array)} tasks; logs in "
+                      f"{display(os.path.join(runs_dir, 'slurm'))}/{array_job}_<task>.log and each job folder's "
+                      f"job.log")
         if to_run or waiting:
             print("see where the jobs are with the same command and --status; run the command again once they are "
                   "done to write the report")

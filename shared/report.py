@@ -4,18 +4,39 @@ Reads every run directory under RUNS_DIR (a folder holding ``args.json``) throug
 ``args.json``, ``eval.jsonl`` and ``summary.json`` only, never the tensorboard files, and writes
 ``OUT/README.md`` with PNG figures beside it.
 
-Rows. Runs are grouped by suite (``env_id``, plus ``--tasks`` / ``--holdout-task`` when given),
-method (the script, ``algo``) and variant (``run_name_suffix``). Conventions:
+Rows. Runs are grouped by suite (``env_id``, plus ``--tasks`` when given), method (the script,
+``algo``) and variant (``run_name_suffix``); leave-one-out runs (below) have a section of their
+own. Conventions:
 
-- VarShare, the reference row, is ``ppo_varshare`` with ``--residual variational`` and no suffix.
-  ``--residual l2`` is shown as L2Soft (a suffix ``l2soft`` adds nothing; another suffix is kept)
-  and listed right after VarShare.
+- VarShare, the reference row, is ``ppo_varshare`` with ``--residual variational``, none of the
+  ablation settings below and no suffix. ``--residual l2`` is shown as L2Soft (a suffix ``l2soft``
+  adds nothing; another suffix is kept) and listed right after VarShare, as are the other ablations,
+  each named from args.json whatever its suffix (a suffix equal to the matrix row's name adds
+  nothing): ``--beta 0`` is "beta=0", ``--estimator reparam`` "reparam estimator",
+  ``--rollout-weights episode`` "episode weights". The ablation section sets each beside VarShare.
 - The capacity-matched row is a shared-MTL run (``ppo_mtl_embed``) whose ``--run-name-suffix``
   contains ``wide`` (for example ``wide``; ``python -m shared.capacity`` gives the width); it is
   listed right after shared MTL.
 - A run averaged in has a readable ``summary.json`` (it finished) and the budget
   (``total_timesteps``) that most finished runs of its suite have (a tie goes to the larger
   budget). Every other run is listed under "Not averaged in", with the reason.
+
+Leave-one-out runs (PROTOCOL section 7) are told apart by their args.json, not by their folders, so
+that runs launched by hand count too: a run with ``init_from`` is a transfer run of its
+``transfer`` regime (finetune or task-params) on its one task; a run with ``holdout_task`` is a
+base run; a run of exactly one task that a base run of the same suite held out is that task's
+scratch run (ppo_single's one-task run is the oracle's). None of them enters the suite's tables;
+the transfer section reports them per suite, held-out task, method and regime: the zero-shot score
+(the eval.jsonl line labelled ``zero-shot``, step 0), the final score and the area under the score
+curve, each an IQM over runs with its stratified-bootstrap interval, and one learning-curve figure
+per suite and held-out task. Area under the curve: the trapezoid rule through the run's
+evaluations (the zero-shot one at step 0, the periodic ones, the final one), divided by the env
+steps of the final evaluation (the budget, rounded down to whole iterations): the mean score over
+training. A scratch run has no evaluation before training; its curve starts at 0 at step 0 (a
+fresh policy's success rate; on the return-scored suites a little below a random policy's
+return). The majority-budget rule applies per suite and held-out task, to the base runs and to the
+other regimes separately. The final score is the final evaluation's, as in the suites' tables (the
+summary.json of a finished run holds it).
 
 Score. The final evaluation's (``summary.json``) mean success rate per task; on suites whose
 success is a return threshold (the cartpole and lunarlander suites, single gymnasium ids) the mean
@@ -153,6 +174,9 @@ class Run:
     summary: dict | None = None
     curve: list[dict] = field(default_factory=list)  # periodic evaluations, one per step, in step order
     problem: str = ""  # why it is not averaged in; empty when it is
+    zero_shot: dict | None = None  # a transfer run's evaluation before any update (label zero-shot)
+    regime: str = ""  # leave-one-out: base, scratch, finetune or task-params; "" for the suites' own runs
+    held_out: str = ""  # leave-one-out: the held-out task
 
     @property
     def suite(self) -> str:
@@ -172,11 +196,42 @@ def suite_of(args: dict) -> str:
     return name
 
 
+# VarShare's ablations other than L2Soft: (matrix row and run-name suffix, name in the report, flag).
+ABLATIONS = (("beta0", "beta=0", "--beta 0 (no KL: free residuals)"),
+             ("reparam", "reparam estimator", "--estimator reparam (one weight sample per task and minibatch)"),
+             ("episode", "episode weights", "--rollout-weights episode (acting with a weight sample per episode)"))
+L2SOFT_CHANGE = "--residual l2 (deterministic residuals, L2 penalty at the matched weight)"
+
+
+def varshare_ablations(args: dict) -> list[tuple[str, str, str]]:
+    """The ABLATIONS entries this VarShare run's args.json sets (none for L2Soft, which ignores them)."""
+    if args.get("algo") != "ppo_varshare" or args.get("residual") == "l2":
+        return []
+    given = {"beta0": args.get("beta") == 0, "reparam": args.get("estimator") == "reparam",
+             "episode": args.get("rollout_weights") == "episode"}
+    return [entry for entry in ABLATIONS if given[entry[0]]]
+
+
 def variant_of(args: dict) -> str:
     suffix = args.get("run_name_suffix") or ""
     if args.get("algo") == "ppo_varshare" and args.get("residual") == "l2":
         return "L2Soft" if suffix.lower() in ("", "l2soft") else f"L2Soft {suffix}"
+    ablations = varshare_ablations(args)
+    if ablations:
+        name = " + ".join(label for _, label, _ in ablations)
+        return name if suffix.lower() in ("", *(row for row, _, _ in ablations)) else f"{name} {suffix}"
     return suffix
+
+
+def ablation_change(method: str, variant: str) -> str | None:
+    """What an ablation row changes in VarShare (from its variant name); None for any other row."""
+    if method != "ppo_varshare" or not variant:
+        return None
+    if variant == "L2Soft":
+        return L2SOFT_CHANGE
+    changes = {label: change for _, label, change in ABLATIONS}
+    parts = variant.split(" + ")
+    return "; ".join(changes[p] for p in parts) if all(p in changes for p in parts) else None
 
 
 def is_capacity_matched(method: str, variant: str) -> bool:
@@ -192,7 +247,8 @@ def row_label(method: str, variant: str) -> str:
 
 def row_order(key: tuple[str, str]) -> tuple:
     method, variant = key
-    rank = 0 if not variant else 1 if variant.startswith("L2Soft") or is_capacity_matched(method, variant) else 2
+    partner = variant.startswith("L2Soft") or is_capacity_matched(method, variant) or ablation_change(method, variant)
+    rank = 0 if not variant else 1 if partner else 2
     method_rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
     return method_rank, method, rank, variant
 
@@ -239,6 +295,45 @@ def read_curve(path: str) -> list[dict]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+def read_zero_shot(path: str) -> dict | None:
+    """The evaluation labelled zero-shot (a transfer run's score before any update), or None."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if entry.get("label") == "zero-shot" and "per_task" in entry:
+                return entry
+    return None
+
+
+def classify(runs: list[Run]) -> None:
+    """Mark the leave-one-out runs from their args.json: transfer runs (init_from), base runs
+    (holdout_task), and one-task runs of a task that some base run of the suite held out (scratch)."""
+    held_out = {(run.args.get("env_id"), run.args["holdout_task"]) for run in runs if run.args.get("holdout_task")}
+    for run in runs:
+        args = run.args
+        tasks = args.get("task_names") or args.get("tasks") or []
+        if args.get("init_from"):
+            run.regime, run.held_out = args.get("transfer") or "finetune", tasks[0] if tasks else "?"
+        elif args.get("holdout_task"):
+            run.regime, run.held_out = "base", args["holdout_task"]
+        elif len(tasks) == 1 and (args.get("env_id"), tasks[0]) in held_out:
+            run.regime, run.held_out = "scratch", tasks[0]
+
+
+def budget_group(run: Run) -> str:
+    """Runs that must share one budget: a suite's own runs; per suite and held-out task, the base
+    runs, and the scratch and transfer runs together."""
+    if not run.regime:
+        return run.suite
+    stage = "base runs" if run.regime == "base" else "scratch and transfer runs"
+    return f"{run.args.get('env_id', '?')} {stage} of held-out task {run.held_out}"
+
+
 def find_runs(runs_dir: str) -> list[Run]:
     runs = []
     for dirpath, dirnames, filenames in os.walk(runs_dir):
@@ -252,6 +347,8 @@ def find_runs(runs_dir: str) -> list[Run]:
             runs.append(Run(dirpath, {}, problem="args.json missing or unreadable"))
             continue
         run.curve = read_curve(os.path.join(dirpath, "eval.jsonl"))
+        if run.args.get("init_from"):
+            run.zero_shot = read_zero_shot(os.path.join(dirpath, "eval.jsonl"))
         summary_path = os.path.join(dirpath, "summary.json")
         if not os.path.exists(summary_path):
             last = f"; last evaluation at step {run.curve[-1]['global_step']:,}" if run.curve else ""
@@ -264,6 +361,7 @@ def find_runs(runs_dir: str) -> list[Run]:
             if not isinstance(run.summary, dict) or not isinstance(run.summary.get("per_task"), dict):
                 run.summary, run.problem = None, "summary.json unreadable or without per-task results"
         runs.append(run)
+    classify(runs)
     return runs
 
 
@@ -272,19 +370,21 @@ def _steps(budget) -> str:
 
 
 def check_budgets(runs: list[Run]) -> dict[str, int]:
-    """Each suite's majority budget among its finished runs; marks the others. Returns the budgets."""
+    """Each suite's majority budget among its finished runs; marks the others. Returns the budgets,
+    by suite (and by ``budget_group`` for the leave-one-out runs)."""
     by_suite = defaultdict(list)
     for run in runs:
         if not run.problem:
-            by_suite[run.suite].append(run)
+            by_suite[budget_group(run)].append(run)
     budgets = {}
     for suite, group in by_suite.items():
         counts = Counter(run.args.get("total_timesteps") for run in group)
         budgets[suite] = max(counts, key=lambda b: (counts[b], b if b is not None else -1))
         for run in group:
             if run.args.get("total_timesteps") != budgets[suite]:
-                run.problem = (f"budget {_steps(run.args.get('total_timesteps'))} env steps, not the suite's "
-                               f"{_steps(budgets[suite])}")
+                whose = (f"the suite's {_steps(budgets[suite])}" if not run.regime
+                         else f"the {_steps(budgets[suite])} of most {suite}")
+                run.problem = f"budget {_steps(run.args.get('total_timesteps'))} env steps, not {whose}"
     return budgets
 
 
@@ -317,7 +417,7 @@ def final_scores(runs: list[Run], tasks: list[str], metric: str) -> np.ndarray:
 def build_rows(runs: list[Run], reps: int, seed: int) -> dict[str, list[Row]]:
     groups = defaultdict(list)
     for run in runs:
-        if not run.problem:
+        if not run.problem and not run.regime:  # leave-one-out runs have a section of their own
             groups[run.suite, *run.key].append(run)
     rows = defaultdict(list)
     for (suite, method, variant), group in sorted(groups.items(), key=lambda kv: (kv[0][0], row_order(kv[0][1:]))):
@@ -341,13 +441,22 @@ def build_rows(runs: list[Run], reps: int, seed: int) -> dict[str, list[Row]]:
 
 def learning_curve(row: Row, reps: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """(steps, IQM, band low, band high) of the row's periodic evaluations; None without any."""
-    curves = []
-    for run in row.runs:
-        points = [e for e in run.curve if all(t in e["per_task"] for t in row.tasks)]
-        if points:
-            steps = np.array([e["global_step"] for e in points], dtype=float)
-            values = np.array([[e["per_task"][t][row.metric] for t in row.tasks] for e in points], dtype=float)
-            curves.append((steps, values))  # [P], [P, tasks]
+    curves = [curve for run in row.runs for curve in [run_curve(run.curve, row.tasks, row.metric)] if curve]
+    return curve_band(curves, reps, row_rng(seed, row.suite, row.method, row.variant, "curve"))
+
+
+def run_curve(entries: list[dict], tasks: list[str], metric: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """One run's evaluations as (steps [P], values [P, tasks]); None without any."""
+    points = [e for e in entries if all(t in e["per_task"] for t in tasks)]
+    if not points:
+        return None
+    steps = np.array([e["global_step"] for e in points], dtype=float)
+    return steps, np.array([[e["per_task"][t][metric] for t in tasks] for e in points], dtype=float)
+
+
+def curve_band(curves: list[tuple[np.ndarray, np.ndarray]], reps: int, rng: np.random.Generator):
+    """(steps, IQM, band low, band high) over runs x tasks of the runs' curves, on the steps they all
+    cover (each run linearly interpolated there); None without any."""
     if not curves:
         return None
     first, last = max(s[0] for s, _ in curves), min(s[-1] for s, _ in curves)
@@ -357,10 +466,121 @@ def learning_curve(row: Row, reps: int, seed: int) -> tuple[np.ndarray, np.ndarr
     # [G, runs, tasks]: each run's values at the common steps
     at = np.stack([np.stack([np.interp(grid, s, v[:, j]) for j in range(v.shape[1])], axis=1) for s, v in curves],
                   axis=1)
-    rng = row_rng(seed, row.suite, row.method, row.variant, "curve")
     mid = np.array([iqm(point) for point in at])
     bands = np.array([iqm_interval(point, reps, rng) for point in at])
     return grid, mid, bands[:, 0], bands[:, 1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Leave-one-out transfer
+# ----------------------------------------------------------------------------------------------
+REGIMES = ("base", "scratch", "finetune", "task-params")
+REGIME_STYLE = {"scratch": ":", "finetune": "-", "task-params": "--"}
+
+
+@dataclass
+class TransferRow:
+    """One method and regime of one suite's held-out task: each statistic as (IQM, (CI low, high))
+    over its runs, None where it does not apply (zero-shot and area for base and scratch runs)."""
+    suite: str  # the env_id
+    task: str  # the held-out task
+    method: str
+    variant: str
+    regime: str
+    runs: list[Run]
+    tasks: list[str]  # the held-out task; a base run's other tasks
+    metric: str
+    zero_shot: tuple[float, tuple[float, float], int] | None = None  # also the number of runs that have one
+    final: tuple[float, tuple[float, float]] = (math.nan, (math.nan, math.nan))
+    auc: tuple[float, tuple[float, float]] | None = None
+
+    @property
+    def label(self) -> str:
+        return row_label(self.method, self.variant)
+
+
+def run_score(entry: dict, tasks: list[str], metric: str) -> float:
+    return float(np.mean([entry["per_task"][t][metric] for t in tasks]))
+
+
+def area_under_curve(run: Run, tasks: list[str], metric: str) -> float:
+    """The mean score over training: the trapezoid rule through (0, zero-shot score; 0 for a run
+    without one), the periodic evaluations and the final one, divided by the final one's step."""
+    final_step = float(run.summary.get("global_step") or run.args.get("total_timesteps") or 0)
+    start = run_score(run.zero_shot, tasks, metric) if run.zero_shot else 0.0
+    points = [(0.0, start)] + [(float(e["global_step"]), run_score(e, tasks, metric)) for e in run.curve
+                               if 0 < e["global_step"] <= final_step and all(t in e["per_task"] for t in tasks)]
+    points.append((final_step, run_score(run.summary, tasks, metric)))
+    if final_step <= 0:
+        return math.nan
+    steps, values = zip(*sorted(points, key=lambda point: point[0]), strict=True)  # sort is stable
+    return float(np.trapezoid(values, steps) / final_step)
+
+
+def transfer_rows(runs: list[Run], reps: int, seed: int) -> dict[tuple[str, str], list[TransferRow]]:
+    """(suite, held-out task) -> its rows, by method (the main tables' order), then regime."""
+    groups = defaultdict(list)
+    for run in runs:
+        if run.regime and not run.problem:
+            groups[run.args.get("env_id", "?"), run.held_out, *run.key, run.regime].append(run)
+    out = defaultdict(list)
+    for key in sorted(groups, key=lambda k: (k[0], k[1], row_order(k[2:4]), REGIMES.index(k[4]))):
+        suite, task, method, variant, regime = key
+        group = sorted(groups[key], key=lambda r: (r.args.get("seed", 0), r.dir))
+        tasks = list(group[0].summary.get("task_names") or group[0].summary["per_task"])
+        metric = score_key(suite)
+
+        row = TransferRow(suite, task, method, variant, regime, group, tasks, metric)
+        row.final = _iqm_and_interval(final_scores(group, tasks, metric), reps, seed, *key, "final")
+        if regime != "base":
+            with_zero_shot = [r for r in group if r.zero_shot]
+            if with_zero_shot:
+                scores = np.array([[r.zero_shot["per_task"][t][metric] for t in tasks] for r in with_zero_shot])
+                row.zero_shot = (*_iqm_and_interval(scores, reps, seed, *key, "zero-shot"), len(with_zero_shot))
+            areas = np.array([[area_under_curve(r, tasks, metric)] for r in group])
+            row.auc = _iqm_and_interval(areas, reps, seed, *key, "auc")
+        out[suite, task].append(row)
+    return out
+
+
+def _iqm_and_interval(scores: np.ndarray, reps: int, seed: int, *names: str) -> tuple[float, tuple[float, float]]:
+    return iqm(scores), iqm_interval(scores, reps, row_rng(seed, *names))
+
+
+def transfer_curve(row: TransferRow, reps: int, seed: int):
+    """The row's learning curve, from the zero-shot evaluation (step 0) where the runs have one."""
+    curves = []
+    for run in row.runs:
+        entries = ([run.zero_shot] if run.zero_shot else []) + [e for e in run.curve if e["global_step"] > 0]
+        curve = run_curve(entries, row.tasks, row.metric)
+        if curve:
+            curves.append(curve)
+    return curve_band(curves, reps, row_rng(seed, row.suite, row.task, row.method, row.variant, row.regime, "curve"))
+
+
+def plot_transfer_curves(rows: list[TransferRow], path: str, reps: int, seed: int) -> bool:
+    fig, (ax,) = _figure(1, width=6.0, height=4.0)
+    drawn = False
+    for row in rows:
+        curve = transfer_curve(row, reps, seed) if row.regime != "base" else None
+        if curve is None:
+            continue
+        steps, mid, lo, hi = curve
+        colour = colour_of(row.method, row.variant)
+        ax.plot(steps, mid, color=colour, linestyle=REGIME_STYLE[row.regime], marker="o", markersize=3,
+                label=f"{row.label}, {row.regime} ({len(row.runs)})")
+        ax.fill_between(steps, lo, hi, color=colour, alpha=0.15, linewidth=0)
+        drawn = True
+    if not drawn:
+        return False
+    ax.set_title(f"{rows[0].suite}: held-out {rows[0].task}")
+    ax.set_xlabel("env steps on the held-out task")
+    ax.xaxis.set_major_formatter(_steps_formatter())
+    ax.set_ylabel(f"IQM {metric_label(rows[0].metric)}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,7 +628,8 @@ def plot_learning_curves(rows: dict[str, list[Row]], path: str, reps: int, seed:
         ax.xaxis.set_major_formatter(_steps_formatter())
         ax.set_ylabel(f"IQM {metric_label(rows[suite][0].metric)}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:  # a suite whose runs logged no periodic evaluation has none
+            ax.legend(fontsize="small")
     fig.savefig(path, dpi=110)
     return True
 
@@ -507,8 +728,8 @@ def suite_section(suite: str, suite_rows: list[Row], budget: int, out_dir: str) 
                      f"| {fmt(float(row.scores.mean()), metric)} | {improvement} | {params} "
                      f"| {facts['env_steps']:,.0f} | {facts['wall_time_s']:,.0f} |")
     if not has_reference:
-        lines += ["", "No VarShare run (ppo_varshare, --residual variational, no suffix) here: no probability "
-                      "of improvement."]
+        lines += ["", "No VarShare run (ppo_varshare, --residual variational, no ablation, no suffix) here: no "
+                      "probability of improvement."]
     tasks = suite_rows[0].tasks
     lines += ["", "Per task, IQM over runs:", "", "| method | " + " | ".join(tasks) + " |",
               "|---|" + "---|" * len(tasks)]
@@ -530,13 +751,106 @@ def suite_section(suite: str, suite_rows: list[Row], budget: int, out_dir: str) 
     return lines + [""]
 
 
+def _stat(value: tuple | None, metric: str) -> str:
+    if value is None:
+        return "-"
+    mid, (lo, hi) = value[:2]
+    return f"{fmt(mid, metric)} [{fmt(lo, metric)}, {fmt(hi, metric)}]"
+
+
+AUC_DEFINITION = (
+    "Area under the curve (AUC): the trapezoid rule through a run's evaluations (the zero-shot one at step "
+    "0, the periodic ones and the final one) divided by the env steps of the final evaluation (the budget "
+    "rounded down to whole iterations), i.e. the mean score over training; a scratch run has no evaluation "
+    "before training, so its curve starts at 0 at step 0 (a fresh policy's success rate; on the "
+    "return-scored suites a little below a random policy's return).")
+
+
+def transfer_section(rows: dict[tuple[str, str], list[TransferRow]], budgets: dict[str, int], out_dir: str,
+                     curve_reps: int, seed: int) -> list[str]:
+    lines = ["## Leave-one-out transfer", "",
+             "Per suite and held-out task: base runs train the other tasks (--holdout-task); then, on the held-out "
+             "task alone, scratch runs start fresh, finetune runs start from a base run with every parameter "
+             "trained, task-params runs with only the new task's own parameters trained. Runs are told apart by "
+             "their args.json (init_from and transfer, holdout_task, one task that a base run held out). "
+             "Zero-shot: the evaluation before any update (label zero-shot, step 0). Final: the final "
+             "evaluation. " + AUC_DEFINITION + " Each is the IQM over runs with its 95% stratified-bootstrap "
+             "interval.", ""]
+    for (suite, task), suite_rows in rows.items():
+        metric = suite_rows[0].metric
+        transfer = [r for r in suite_rows if r.regime != "base"]
+        bases = [r for r in suite_rows if r.regime == "base"]
+        budget = budgets.get(budget_group(transfer[0].runs[0])) if transfer else None
+        lines += [f"### {suite}, held-out {task}", "",
+                  f"Score: the {metric_label(metric)}" + (f"; {_steps(budget)} env steps per run on {task}"
+                                                         if budget else "") + "."]
+        if transfer:
+            lines += ["", "| method | regime | seeds | runs | zero-shot IQM [95% CI] | final IQM [95% CI] "
+                          "| AUC IQM [95% CI] |", "|---|---|---|---|---|---|---|"]
+            for row in transfer:
+                zero_shot = _stat(row.zero_shot, metric)
+                if row.zero_shot is not None and row.zero_shot[2] < len(row.runs):
+                    zero_shot += f" ({row.zero_shot[2]} runs)"
+                lines.append(f"| {row.label} | {row.regime} | {len({r.args.get('seed') for r in row.runs})} "
+                             f"| {len(row.runs)} | {zero_shot} | {_stat(row.final, metric)} "
+                             f"| {_stat(row.auc, metric)} |")
+        if bases:
+            base_budget = budgets.get(budget_group(bases[0].runs[0]))
+            lines += ["", f"Base runs: trained on the other {len(bases[0].tasks)} tasks for {_steps(base_budget)} "
+                          "env steps; final score on those tasks:", "",
+                      "| method | seeds | runs | final IQM [95% CI] |", "|---|---|---|---|"]
+            lines += [f"| {row.label} | {len({r.args.get('seed') for r in row.runs})} | {len(row.runs)} "
+                      f"| {_stat(row.final, metric)} |" for row in bases]
+        name = f"transfer_{slug(suite)}_{slug(task)}.png"
+        if transfer and plot_transfer_curves(transfer, os.path.join(out_dir, name), curve_reps, seed):
+            lines += ["", f"Learning curves on {task}: IQM over runs, band = 95% CI; solid finetune, dashed "
+                          "task-params, dotted scratch (legend: runs per line).", "",
+                      f"![transfer to {task}, {suite}]({name})"]
+        lines.append("")
+    return lines
+
+
+def ablation_section(rows: dict[str, list[Row]]) -> list[str]:
+    """Each VarShare ablation row beside VarShare's own row on its suite."""
+    lines = []
+    for suite in sorted(rows):
+        ablations = [r for r in rows[suite] if ablation_change(r.method, r.variant)]
+        if not ablations:
+            continue
+        metric = ablations[0].metric
+        reference = next((r for r in rows[suite] if (r.method, r.variant) == REFERENCE), None)
+        lines += [f"### {suite}", "", "| row | differs from VarShare by | seeds | runs | IQM [95% CI] "
+                                      "| P(VarShare > row) [95% CI] |", "|---|---|---|---|---|---|"]
+        for row in ([reference] if reference else []) + ablations:
+            if row is reference:
+                change, improvement = "-", "(reference)"
+            else:
+                change = ablation_change(row.method, row.variant)
+                improvement = (f"{row.improvement:.2f} [{row.improvement_interval[0]:.2f}, "
+                               f"{row.improvement_interval[1]:.2f}]" if row.improvement is not None else "-")
+            lines.append(f"| {row.label} | {change} | {len({r.args.get('seed') for r in row.runs})} | {len(row.runs)} "
+                         f"| {fmt(row.iqm, metric)} [{fmt(row.interval[0], metric)}, {fmt(row.interval[1], metric)}] "
+                         f"| {improvement} |")
+        if reference is None:
+            lines += ["", "No VarShare run (ppo_varshare, --residual variational, no ablation, no suffix) here: no "
+                          "probability of improvement."]
+        lines.append("")
+    if not lines:
+        return []
+    return ["## VarShare's ablations", "",
+            "Each ablation row (ppo_varshare with one setting changed, told apart by args.json) against VarShare's "
+            "default row on the same suite: final IQM with its 95% stratified-bootstrap interval, and the "
+            "probability that a VarShare run beats a run of the row on a task (ties 1/2). The same rows are in "
+            "the suite's table above.", "", *lines]
+
+
 def excluded_section(runs: list[Run], runs_dir: str) -> list[str]:
     left_out = [run for run in runs if run.problem]
     if not left_out:
         return ["## Not averaged in", "", "None: every run finished at its suite's budget.", ""]
     lines = ["## Not averaged in", "", "| run | suite | method | seed | why |", "|---|---|---|---|---|"]
     for run in sorted(left_out, key=lambda r: r.dir):
-        method = row_label(*run.key) if run.args else "?"
+        method = (row_label(*run.key) + (f", {run.regime}" if run.regime else "")) if run.args else "?"
         lines.append(f"| {os.path.relpath(run.dir, runs_dir)} | {run.suite if run.args else '?'} | {method} "
                      f"| {run.args.get('seed', '?')} | {run.problem} |")
     return lines + [""]
@@ -562,7 +876,9 @@ def build_report(runs_dir: str, out_dir: str, reps: int = 50_000, seed: int = 0,
                          "give a writable --out") from None
     budgets = check_budgets(runs)
     rows = build_rows(runs, reps, seed)
-    included = sum(len(r.runs) for suite_rows in rows.values() for r in suite_rows)
+    transfers = transfer_rows(runs, reps, seed)
+    included = (sum(len(r.runs) for suite_rows in rows.values() for r in suite_rows)
+                + sum(len(r.runs) for group in transfers.values() for r in group))
     lines = ["# Report", "",
              f"Written by `python -m shared.report {runs_dir}` from the args.json, eval.jsonl and summary.json of "
              f"{len(runs)} run directories: {included} averaged in, {len(runs) - included} listed under "
@@ -573,7 +889,9 @@ def build_report(runs_dir: str, out_dir: str, reps: int = 50_000, seed: int = 0,
              f"task, {reps:,} resamples, percentile interval). P(VarShare > row): probability that a VarShare run "
              "beats a run of that row on a task, ties counting 1/2, averaged over tasks, with its bootstrap "
              "interval. The capacity-matched row (shared MTL with a \"wide\" suffix) follows shared MTL and "
-             "L2Soft follows VarShare. Runs that did not finish, or ran another budget than most of their "
+             "L2Soft and VarShare's other ablations follow VarShare (and have a section of their own). "
+             "Leave-one-out runs (base, scratch, finetune, task-params) are in no suite table: they have "
+             "their own section. Runs that did not finish, or ran another budget than most of their "
              "suite, are listed at the end and are in no number or figure.", ""]
     if rows:
         plot_final_scores(rows, os.path.join(out_dir, "final_scores.png"))
@@ -584,20 +902,24 @@ def build_report(runs_dir: str, out_dir: str, reps: int = 50_000, seed: int = 0,
                       "![learning curves](learning_curves.png)", ""]
     for suite in sorted(rows):
         lines += suite_section(suite, rows[suite], budgets[suite], out_dir)
+    lines += ablation_section(rows)
+    if transfers:
+        lines += transfer_section(transfers, budgets, out_dir, min(reps, 2000), seed)  # curves: as the main ones
     lines += excluded_section(runs, runs_dir)
     path = os.path.join(out_dir, "README.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
     if wandb_project:
-        log_to_wandb(rows, runs, runs_dir, out_dir, wandb_project, wandb_entity)
+        log_to_wandb(rows, runs, runs_dir, out_dir, wandb_project, wandb_entity, transfers)
     return path
 
 
 def log_to_wandb(rows: dict[str, list[Row]], runs: list[Run], runs_dir: str, out_dir: str, project: str,
-                 entity: str | None) -> None:
+                 entity: str | None, transfers: dict[tuple[str, str], list[TransferRow]] | None = None) -> None:
     """One wandb run (job type "report") holding the report's numbers as tables (one row per suite
-    and method; one per suite, method and task; the runs not averaged in) and its PNG figures, so
-    that they sit beside the training runs (grouped by the same rows) in the project."""
+    and method; one per suite, method and task; the runs not averaged in; the leave-one-out rows)
+    and its PNG figures, so that they sit beside the training runs (grouped by the same rows) in the
+    project."""
     import wandb
 
     name = "report-" + slug(os.path.basename(os.path.abspath(runs_dir)))
@@ -624,7 +946,18 @@ def log_to_wandb(rows: dict[str, list[Row]], runs: list[Run], runs_dir: str, out
                               row_label(*r.key) if r.args else "?", r.args.get("seed"), r.problem)
     figures = {f"figures/{name[:-4]}": wandb.Image(os.path.join(out_dir, name))
                for name in sorted(os.listdir(out_dir)) if name.endswith(".png")}
-    run.log({"report/rows": summary, "report/per_task": per_task, "report/not_averaged_in": left_out, **figures})
+    tables = {"report/rows": summary, "report/per_task": per_task, "report/not_averaged_in": left_out}
+    if transfers:
+        transfer = wandb.Table(columns=["suite", "held_out", "row", "script", "variant", "regime", "score", "runs",
+                                        *(f"{stat}{end}" for stat in ("zero_shot", "final", "auc")
+                                          for end in ("", "_ci_low", "_ci_high"))])
+        for group in transfers.values():
+            for row in group:
+                values = [(v[0], *v[1]) if v is not None else (None,) * 3 for v in (row.zero_shot, row.final, row.auc)]
+                transfer.add_data(row.suite, row.task, row.label, row.method, row.variant, row.regime, row.metric,
+                                  len(row.runs), *(x for triple in values for x in triple))
+        tables["report/transfer"] = transfer
+    run.log({**tables, **figures})
     run.finish()
 
 

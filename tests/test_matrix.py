@@ -284,3 +284,234 @@ def test_slurm_task_requeues_itself_on_the_time_limit_signal(tmp_path):
     assert matrix.is_finished(matrix.run_directories(job)[0])  # the stand-in kills nothing: the run goes on
     attempt, = json.loads(open(os.path.join(job.dir, "job.json")).read())["attempts"]
     assert (attempt["launcher"], attempt["slurm_task"], attempt["restart_count"]) == ("slurm", "77_0", 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# VarShare's ablation rows and leave-one-out transfer
+# ----------------------------------------------------------------------------------------------
+LOO_SUITE, HELD_OUT = "cartpole-conflict", "standard-inverted"
+# cartpole-conflict: 4 envs x 128 steps per task; a 4096-step base run on the other four tasks is two
+# iterations, a 1024-step run on the held-out task alone two as well
+LOO_FLAGS = ["--hidden-sizes", "16", "--update-epochs", "1", "--eval-episodes", "1", "--final-eval-episodes", "1"]
+
+
+def test_ablation_rows_are_varshare_with_one_flag_and_not_in_the_default_set(tmp_path):
+    assert matrix.parse_methods(["all"]) == list(matrix.ROW_NAMES)  # the quick matrix does not grow
+    assert matrix.parse_methods(["all"], ablations=True) == [
+        "ppo_single", "ppo_mtl_embed", "wide", "ppo_varshare", "l2soft", "beta0", "reparam", "episode", "ppo_paco",
+        "ppo_softmod", "ppo_pcgrad"]
+    assert matrix.parse_methods(["varshare"], ablations=True) == ["ppo_varshare", "l2soft", "beta0", "reparam",
+                                                                  "episode"]
+    proc = run_matrix("--suites", "cartpole-mt", "--methods", "beta0", "reparam", "episode", "--seeds", "1",
+                      "--budget", "5000", "--runs-dir", str(tmp_path), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        f".venv/bin/python algos/ppo_varshare.py --env-id cartpole-mt --seed 1 --total-timesteps 5000 {flags} "
+        f"--run-name-suffix {name} --runs-dir {tmp_path}/cartpole-mt/{name}/seed1"
+        for name, flags in (("beta0", "--beta 0"), ("reparam", "--estimator reparam"),
+                            ("episode", "--rollout-weights episode"))]
+
+
+def test_loo_plans_a_base_and_three_regimes_per_task_method_and_seed(tmp_path):
+    jobs = matrix.plan([LOO_SUITE], ["ppo_single", "wide", "ppo_varshare"], [1, 2], 5000, (), str(tmp_path),
+                       loo=[HELD_OUT])
+    loo = [job for job in jobs if job.holdout]
+    assert len(jobs) - len(loo) == 3 * 2  # the suite's own rows, as without --loo
+    # ppo_single shares nothing: scratch only; the wide row has no leave-one-out jobs
+    assert [(j.row.name, j.regime, j.seed, j.budget) for j in loo] == [
+        ("ppo_single", "scratch", 1, 1000), ("ppo_single", "scratch", 2, 1000),
+        ("ppo_varshare", "base", 1, 5000), ("ppo_varshare", "base", 2, 5000),
+        ("ppo_varshare", "scratch", 1, 1000), ("ppo_varshare", "scratch", 2, 1000),  # budget / 5 tasks
+        ("ppo_varshare", "finetune", 1, 1000), ("ppo_varshare", "finetune", 2, 1000),
+        ("ppo_varshare", "task-params", 1, 1000), ("ppo_varshare", "task-params", 2, 1000)]
+    by_name = {job.name: job for job in loo}
+    folder = tmp_path / LOO_SUITE / f"loo-{HELD_OUT}" / "ppo_varshare"
+    base = by_name[f"{LOO_SUITE}/loo-{HELD_OUT}/ppo_varshare/base/seed2"]
+    finetune = by_name[f"{LOO_SUITE}/loo-{HELD_OUT}/ppo_varshare/finetune/seed2"]
+    assert base.dir == str(folder / "base" / "seed2") and finetune.dir == str(folder / "finetune" / "seed2")
+    assert finetune.base == base.dir and not base.base
+    assert not by_name[f"{LOO_SUITE}/loo-{HELD_OUT}/ppo_varshare/scratch/seed2"].base
+    assert base.argv()[-2:] == ["--holdout-task", HELD_OUT]
+    assert finetune.argv()[-4:] == ["--init-from", base.dir, "--transfer", "finetune"]
+    assert finetune.launch_argv() is None  # no finished base run yet
+    run_dir = fake_run(base, "a", checkpoint=True, summary=json.dumps({"per_task": {"standard": {}}}))
+    assert finetune.launch_argv()[-4:] == ["--init-from", run_dir, "--transfer", "finetune"]
+    assert matrix.Job.from_json(json.loads(json.dumps(finetune.to_json()))) == finetune  # the Slurm plan keeps it
+    # --loo all: every task of every suite; a named task applies to the suites that have it
+    assert len(matrix.plan([LOO_SUITE, "cartpole-mt"], ["ppo_mtl_embed"], [1], 5000, (), str(tmp_path),
+                           loo=["all"])) == 2 + 2 * 5 * 4
+    both = matrix.plan([LOO_SUITE, "cartpole-mt"], ["ppo_mtl_embed"], [1], 5000, (), str(tmp_path),
+                       loo=[HELD_OUT, "long-pole"], loo_budget=777)
+    assert sorted({(j.suite, j.holdout, j.budget) for j in both if j.regime == "scratch"}) == [
+        ("cartpole-conflict", "long-pole", 777), ("cartpole-conflict", HELD_OUT, 777),
+        ("cartpole-mt", "long-pole", 777)]
+
+
+def test_loo_dry_run_shows_each_command_and_what_it_waits_for(tmp_path):
+    proc = run_matrix("--suites", LOO_SUITE, "--methods", "varshare", "--seeds", "1", "--budget", "4096",
+                      "--loo-budget", "1024", "--loo", HELD_OUT, "--runs-dir", str(tmp_path), "--dry-run",
+                      "--", *LOO_FLAGS)
+    assert proc.returncode == 0, proc.stderr
+    loo = f"{tmp_path}/{LOO_SUITE}/loo-{HELD_OUT}/ppo_varshare"
+    start = f".venv/bin/python algos/ppo_varshare.py --env-id {LOO_SUITE} --seed 1 --total-timesteps"
+    assert proc.stdout.splitlines() == [
+        f"{start} 4096 {' '.join(LOO_FLAGS)} --runs-dir {tmp_path}/{LOO_SUITE}/ppo_varshare/seed1",
+        f"{start} 4096 {' '.join(LOO_FLAGS)} --holdout-task {HELD_OUT} --runs-dir {loo}/base/seed1",
+        f"{start} 1024 {' '.join(LOO_FLAGS)} --tasks {HELD_OUT} --runs-dir {loo}/scratch/seed1",
+        *[f"{start} 1024 {' '.join(LOO_FLAGS)} --init-from {loo}/base/seed1 --transfer {regime} --runs-dir "
+          f"{loo}/{regime}/seed1  # after {LOO_SUITE}/loo-{HELD_OUT}/ppo_varshare/base/seed1: --init-from is its run "
+          f"directory" for regime in ("finetune", "task-params")]]
+
+
+def test_loo_bad_input_gets_one_sentence(capsys):
+    assert "--loo task 'inverted' is in none of the suites" in usage_error(
+        capsys, "--suites", LOO_SUITE, "--loo", "inverted", "--dry-run")
+    assert "--loo-budget sets the leave-one-out runs' budget; give --loo" in usage_error(
+        capsys, "--suites", LOO_SUITE, "--loo-budget", "1000", "--dry-run")
+    assert "--loo needs one of ppo_single, ppo_mtl_embed" in usage_error(
+        capsys, "--suites", LOO_SUITE, "--methods", "wide", "l2soft", "--loo", "all", "--dry-run")
+    assert "--tasks after -- is set by the matrix for each job; use --loo" in usage_error(
+        capsys, "--suites", LOO_SUITE, "--loo", "all", "--dry-run", "--", "--tasks", "standard")
+    assert "--init-from after -- is set by the matrix" in usage_error(capsys, "--dry-run", "--", "--init-from", "x")
+    assert "--loo-budget 'x' is not a number of env steps" in usage_error(
+        capsys, "--suites", LOO_SUITE, "--loo", "all", "--loo-budget", "x", "--dry-run")
+
+
+def test_local_loo_runs_transfer_jobs_after_their_base_and_a_rerun_does_nothing(tmp_path):
+    runs = tmp_path / "runs"
+    args = ["--suites", LOO_SUITE, "--methods", "varshare", "--seeds", "1", "--budget", "4096", "--loo-budget", "1024",
+            "--loo", HELD_OUT, "--runs-dir", str(runs), "--report-dir", str(tmp_path / "report"), "--jobs", "2",
+            "--", *LOO_FLAGS]
+    first = run_matrix(*args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "0 finished, 0 running elsewhere, 0 to resume, 5 to start" in first.stdout
+    lines = first.stdout.splitlines()
+    loo = f"{LOO_SUITE}/loo-{HELD_OUT}/ppo_varshare"
+
+    def line_of(prefix: str) -> int:
+        return next(i for i, line in enumerate(lines) if line.lstrip().startswith(prefix))
+
+    # two workers, yet the transfer jobs start only once the base is done
+    assert line_of(f"[1/5] start {loo}/base/seed1") == 1  # bases go first
+    for regime in ("finetune", "task-params"):
+        assert line_of(f"done {loo}/base/seed1") < next(i for i, line in enumerate(lines)
+                                                        if f"start {loo}/{regime}/seed1" in line)
+    jobs = {job.regime: job for job in matrix.plan([LOO_SUITE], ["ppo_varshare"], [1], 4096, tuple(LOO_FLAGS),
+                                                   str(runs), loo=[HELD_OUT], loo_budget=1024) if job.regime}
+    base_run = matrix.finished_run(jobs["base"].dir)
+    base_args = json.loads(open(os.path.join(base_run, "args.json")).read())
+    assert base_args["holdout_task"] == HELD_OUT and HELD_OUT not in base_args["task_names"]
+    base_ended = json.loads(open(os.path.join(jobs["base"].dir, "job.json")).read())["attempts"][0]["ended"]
+    for regime in ("finetune", "task-params"):
+        attempt, = json.loads(open(os.path.join(jobs[regime].dir, "job.json")).read())["attempts"]
+        assert attempt["init_from"] == base_run and attempt["started"] >= base_ended
+        run_dir = matrix.finished_run(jobs[regime].dir)
+        run_args = json.loads(open(os.path.join(run_dir, "args.json")).read())
+        assert (run_args["init_from"], run_args["transfer"], run_args["task_names"]) == (base_run, regime, [HELD_OUT])
+        zero_shot = json.loads(open(os.path.join(run_dir, "eval.jsonl")).readline())
+        assert (zero_shot["label"], zero_shot["global_step"]) == ("zero-shot", 0)
+    scratch_args = json.loads(open(os.path.join(matrix.finished_run(jobs["scratch"].dir), "args.json")).read())
+    assert scratch_args["task_names"] == [HELD_OUT] and scratch_args["init_from"] is None
+
+    again = run_matrix(*args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "5 finished, 0 running elsewhere, 0 to resume, 0 to start" in again.stdout
+    assert not any("] start " in line for line in again.stdout.splitlines())
+    for job in jobs.values():
+        assert len(json.loads(open(os.path.join(job.dir, "job.json")).read())["attempts"]) == 1
+
+
+def test_a_failed_base_leaves_its_transfer_jobs_not_run(tmp_path, capsys):
+    jobs = [job for job in matrix.plan([LOO_SUITE], ["ppo_varshare"], [1], 4096, tuple(LOO_FLAGS), str(tmp_path),
+                                       loo=[HELD_OUT], loo_budget=1024) if job.regime in ("base", "finetune",
+                                                                                          "task-params")]
+    base = jobs[0]
+    fake_run(base, "a", checkpoint=True)  # an empty checkpoint: the resume fails at once
+    failed = matrix.run_local(jobs, 2, PYTHON)
+    assert failed == jobs
+    out = capsys.readouterr().out
+    assert f"FAILED {base.name}" in out
+    for job in jobs[1:]:
+        assert f"NOT RUN {job.name} (" in out and f"its base {base.name} failed; a rerun runs it" in out
+        assert not os.path.exists(os.path.join(job.dir, "job.json"))
+
+
+FAKE_SLURM = '''#!{python}
+"""A stand-in for sbatch and squeue: sbatch records its arguments and the array size and answers the
+next job id; squeue lists every task of the arrays still in the state file as pending."""
+import json, os, re, sys
+state_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "state.json")
+state = json.load(open(state_path)) if os.path.exists(state_path) else {{"calls": [], "arrays": {{}}}}
+if os.path.basename(sys.argv[0]) == "sbatch":
+    script = open(sys.argv[-1]).read()
+    size = int(re.search(r"--array=0-(\\d+)", script)[1]) + 1
+    array_job = str(100 + len(state["calls"]))
+    state["calls"].append(sys.argv[1:])
+    state["arrays"][array_job] = [size, any(a.startswith("--dependency") for a in sys.argv)]
+    json.dump(state, open(state_path, "w"))
+    print(array_job)
+else:
+    array_job = sys.argv[sys.argv.index("--jobs") + 1]
+    size, after = state["arrays"].get(array_job, [0, False])
+    for task in range(size):
+        print(f"{{array_job}}_{{task}}|PENDING|{{'Dependency' if after else 'Priority'}}")
+'''
+
+
+def test_slurm_loo_submits_the_transfer_array_after_the_bases_array(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sbatch", "squeue"):
+        (bin_dir / tool).write_text(FAKE_SLURM.format(python=PYTHON))
+        (bin_dir / tool).chmod(0o755)
+    env = subprocess_env(PATH=str(bin_dir))
+    runs = tmp_path / "runs"
+    launch = ["--suites", LOO_SUITE, "--methods", "varshare", "--seeds", "1", "--budget", "4096", "--loo-budget",
+              "1024", "--loo", HELD_OUT, "--runs-dir", str(runs), "--launcher", "slurm"]
+    proc = run_matrix(*launch, "--", *LOO_FLAGS, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    state = json.loads((bin_dir / "state.json").read_text())
+    plain, bases, transfers = matrix.submissions(str(runs))
+    loo = f"{LOO_SUITE}/loo-{HELD_OUT}/ppo_varshare"
+    assert plain["jobs"] == [f"{LOO_SUITE}/ppo_varshare/seed1", f"{loo}/scratch/seed1"] and plain["after"] == []
+    assert bases["jobs"] == [f"{loo}/base/seed1"] and bases["after"] == []
+    assert transfers["jobs"] == [f"{loo}/finetune/seed1", f"{loo}/task-params/seed1"]
+    assert transfers["after"] == [bases["array_job"]] == ["101"]
+    assert state["calls"] == [["--parsable", plain["script"]], ["--parsable", bases["script"]],
+                              ["--parsable", "--dependency=afterok:101", "--kill-on-invalid-dep=yes",
+                               transfers["script"]]]
+    assert "#SBATCH --job-name=mtrl-matrix-transfers" in open(transfers["script"]).read().splitlines()
+    # each array task runs its job from its own plan
+    assert [job["dir"] for job in json.loads(open(transfers["plan"]).read())["jobs"]] == [
+        str(runs / loo / regime / "seed1") for regime in ("finetune", "task-params")]
+
+    split = ["--", *LOO_FLAGS]
+    status = run_matrix(*launch, "--status", *split, env=env)
+    assert status.returncode == 0, status.stderr
+    assert f"{loo}/finetune/seed1" in status.stdout and "Slurm task 102_0: PENDING (Dependency)" in status.stdout
+    assert "Slurm task 101_0: PENDING (Priority)" in status.stdout
+    assert status.stdout.strip().splitlines()[-1] == "5 jobs: 5 pending"
+    again = run_matrix(*launch, *split, env=env)  # all queued: nothing to submit
+    assert again.returncode == 0 and len(matrix.submissions(str(runs))) == 3, again.stdout + again.stderr
+    assert f"skipped {loo}/task-params/seed1: queued in Slurm as 102_1" in again.stdout
+
+    del state["arrays"]["102"]  # the transfer array left the queue (cancelled), its base is still queued
+    (bin_dir / "state.json").write_text(json.dumps(state))
+    resubmitted = run_matrix(*launch, *split, env=env)
+    assert resubmitted.returncode == 0, resubmitted.stdout + resubmitted.stderr
+    latest = matrix.submissions(str(runs))[-1]
+    assert len(matrix.submissions(str(runs))) == 4 and latest["after"] == ["101"]
+    assert json.loads((bin_dir / "state.json").read_text())["calls"][-1][:3] == [
+        "--parsable", "--dependency=afterok:101", "--kill-on-invalid-dep=yes"]
+
+
+def test_slurm_dry_run_shows_both_arrays_and_the_dependency(tmp_path):
+    proc = run_matrix("--suites", LOO_SUITE, "--methods", "varshare", "--seeds", "1", "--budget", "4096", "--loo",
+                      HELD_OUT, "--runs-dir", str(tmp_path), "--launcher", "slurm", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    submitted = [line for line in proc.stdout.splitlines() if line.startswith("# submitted with: ")]
+    assert len(submitted) == 3 and submitted[0].startswith("# submitted with: sbatch --parsable ")
+    assert submitted[2].startswith("# submitted with: sbatch --parsable --dependency=afterok:<the bases' array job> "
+                                   "--kill-on-invalid-dep=yes ") and submitted[2].endswith(".transfers.sbatch")
+    assert "# | #SBATCH --job-name=mtrl-matrix-bases" in proc.stdout
+    assert not (tmp_path / "slurm").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -293,3 +294,207 @@ def test_report_logs_its_tables_and_figures_to_an_offline_wandb_run(built, tmp_p
         "data"]) == 4 * 3 + 2 * 5
     for key in ("figures/final_scores", "figures/learning_curves"):
         assert (offline / "files" / logged[key]["path"]).read_bytes().startswith(PNG_MAGIC)
+
+
+# ----------------------------------------------------------------------------------------------
+# Leave-one-out transfer and VarShare's ablations, from synthetic runs
+# ----------------------------------------------------------------------------------------------
+HELD_OUT = "push-v3"
+OTHERS = ["reach-v3", "pick-place-v3"]
+
+
+def write_loo_run(root, name, algo, seed, task_names, final, *, budget=1000, curve=(), zero_shot=None, finished=True,
+                  **args):
+    """A run directory of mt3 as the scripts write it, with any args.json entries (holdout_task,
+    tasks, init_from, transfer, ...); ``final``, ``curve`` and ``zero_shot`` give one score per task."""
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "args.json").write_text(json.dumps(
+        {"env_id": "mt3", "algo": algo, "seed": seed, "total_timesteps": budget, "run_name_suffix": "",
+         "tasks": None, "holdout_task": None, "init_from": None, "transfer": None, "task_names": task_names,
+         **args}))
+
+    def per_task(scores):
+        return {t: {"success_rate": v, "return": -99.0} for t, v in zip(task_names, scores, strict=True)}
+
+    lines = []
+    if zero_shot is not None:
+        lines.append({"label": "zero-shot", "global_step": 0, "final": False, "per_task": per_task(zero_shot)})
+    lines += [{"label": "", "global_step": step, "final": False, "per_task": per_task(s)} for step, s in curve]
+    lines.append({"label": "", "global_step": budget, "final": True, "per_task": per_task([1e6] * len(task_names))})
+    (run / "eval.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    if finished:
+        (run / "summary.json").write_text(json.dumps(
+            {"algo": algo, "task_names": task_names, "global_step": budget, "wall_time_s": 1.0,
+             "per_task": per_task(final), "parameter_counts": {"total": 1, "active": 1, "trained_per_task": 1}}))
+    return run
+
+
+# finetune (4 seeds): zero-shot, the periodic evaluation at 500 and the final one at 1000 per seed. Area:
+# trapezoid through (0, zero-shot), (500, mid), (1000, final), over 1000 steps:
+# seed 1: (0.2+0.6)/2*0.5 + (0.6+1.0)/2*0.5 = 0.6; seed 2: 0.2+0.3 = 0.5; seed 3: 0.35+0.4 = 0.75; seed 4: 1.0
+FINETUNE = {1: (0.2, 0.6, 1.0), 2: (0.4, 0.4, 0.8), 3: (0.6, 0.8, 0.8), 4: (1.0, 1.0, 1.0)}
+# IQM of 4 values drops one from each end: zero-shot mean(0.4, 0.6), final mean(0.8, 1.0), area mean(0.6, 0.75)
+FINETUNE_IQM = {"zero-shot": 0.5, "final": 0.9, "auc": 0.675}
+# task-params (2 seeds, plain means): areas (0.2+0.2)/4 + (0.2+0.4)/4 = 0.25 and (0.4+0.4)/4 + (0.4+0.6)/4 = 0.45
+TASK_PARAMS = {1: (0.2, 0.2, 0.4), 2: (0.4, 0.4, 0.6)}
+TASK_PARAMS_IQM = {"zero-shot": 0.3, "final": 0.5, "auc": 0.35}
+# scratch (2 seeds): no zero-shot evaluation, the curve starts at 0: (0+0.2)/4 + (0.2+0.6)/4 = 0.25, and
+# (0+0.4)/4 + (0.4+0.8)/4 = 0.4
+SCRATCH = {1: (0.2, 0.6), 2: (0.4, 0.8)}
+SCRATCH_IQM = {"final": 0.7, "auc": 0.325}
+VARSHARE_MAIN = {1: [0.9, 0.5, 0.1], 2: [0.8, 0.6, 0.2], 3: [1.0, 0.4, 0.0]}  # IQM 0.5, as above
+
+
+@pytest.fixture(scope="module")
+def loo_built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loo-runs")
+    base_dirs = {}
+    for seed in (1, 2):
+        base_dirs[seed] = write_loo_run(root, f"loo/base/{seed}", "ppo_varshare", seed, OTHERS, [1.0, 0.0],
+                                        budget=3000, holdout_task=HELD_OUT, residual="variational")
+    for seed, (zero, mid, final) in FINETUNE.items():
+        write_loo_run(root, f"loo/finetune/{seed}", "ppo_varshare", seed, [HELD_OUT], [final], zero_shot=[zero],
+                      curve=[(500, [0.0]), (500, [mid])] if seed == 1 else [(500, [mid])],  # resumed: the last counts
+                      tasks=[HELD_OUT], init_from=str(base_dirs[1 + seed % 2]), transfer="finetune",
+                      residual="variational")
+    for seed, (zero, mid, final) in TASK_PARAMS.items():
+        write_loo_run(root, f"loo/task-params/{seed}", "ppo_varshare", seed, [HELD_OUT], [final], zero_shot=[zero],
+                      curve=[(500, [mid])], tasks=[HELD_OUT], init_from=str(base_dirs[seed]), transfer="task-params",
+                      residual="variational")
+    for seed, (mid, final) in SCRATCH.items():
+        write_loo_run(root, f"loo/scratch/{seed}", "ppo_varshare", seed, [HELD_OUT], [final], curve=[(500, [mid])],
+                      tasks=[HELD_OUT], residual="variational")
+        # the oracle's one-task run: (0+0.5)/4 + (0.5+0.5)/4 = 0.375
+        write_loo_run(root, f"loo/single/{seed}", "ppo_single", seed, [HELD_OUT], [0.5], curve=[(500, [0.5])],
+                      tasks=[HELD_OUT])
+    # listed, not averaged in: a transfer run of another budget, an unfinished one
+    write_loo_run(root, "loo/finetune-long", "ppo_varshare", 9, [HELD_OUT], [1.0], budget=2000, zero_shot=[1.0],
+                  tasks=[HELD_OUT], init_from=str(base_dirs[1]), transfer="finetune", residual="variational")
+    write_loo_run(root, "loo/finetune-cut", "ppo_varshare", 8, [HELD_OUT], [1.0], zero_shot=[1.0], finished=False,
+                  tasks=[HELD_OUT], init_from=str(base_dirs[1]), transfer="finetune", residual="variational")
+    # a one-task run of a task no base held out stays a suite of its own, as before
+    write_loo_run(root, "other/single-reach", "ppo_single", 1, ["reach-v3"], [0.25], tasks=["reach-v3"])
+
+    # the suite's own runs: VarShare and its ablations, each told apart by args.json
+    for seed, values in VARSHARE_MAIN.items():
+        write_loo_run(root, f"main/varshare/{seed}", "ppo_varshare", seed, MT3, values, residual="variational")
+    for seed in (1, 2):
+        write_loo_run(root, f"main/l2soft/{seed}", "ppo_varshare", seed, MT3, [0.5] * 3, residual="l2",
+                      run_name_suffix="l2soft")
+        write_loo_run(root, f"main/beta0/{seed}", "ppo_varshare", seed, MT3, [0.3] * 3, residual="variational",
+                      beta=0.0, run_name_suffix="beta0")
+        write_loo_run(root, f"main/reparam/{seed}", "ppo_varshare", seed, MT3, [0.5] * 3, residual="variational",
+                      estimator="reparam", run_name_suffix="reparam")
+        write_loo_run(root, f"main/episode/{seed}", "ppo_varshare", seed, MT3, [1.0] * 3, residual="variational",
+                      rollout_weights="episode", run_name_suffix="episode")
+    # launched by hand with --beta 0 and no suffix: the beta=0 row, not VarShare's
+    write_loo_run(root, "main/beta0-by-hand", "ppo_varshare", 3, MT3, [0.3] * 3, residual="variational", beta=0)
+    out = tmp_path_factory.mktemp("loo-report")
+    path = report.build_report(str(root), str(out), reps=300, seed=0)
+    return root, out, open(path).read()
+
+
+def test_transfer_table_gives_zero_shot_final_and_area_per_method_and_regime(loo_built):
+    _, out, text = loo_built
+    transfer = text.split(f"### mt3, held-out {HELD_OUT}\n", 1)[1].split("\n## ", 1)[0]
+    assert "1,000 env steps per run on push-v3" in transfer
+    rows = {}
+    for line in transfer.split("Base runs")[0].splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[1] in ("scratch", "finetune", "task-params"):
+            rows[cells[0], cells[1]] = cells
+    assert list(rows) == [("VarShare", "scratch"), ("VarShare", "finetune"), ("VarShare", "task-params"),
+                          ("single-task", "scratch")]  # the main tables' method order, then the regimes
+    for regime, expected, seeds in (("finetune", FINETUNE_IQM, 4), ("task-params", TASK_PARAMS_IQM, 2),
+                                    ("scratch", SCRATCH_IQM, 2)):
+        cells = rows["VarShare", regime]
+        assert cells[2:4] == [str(seeds), str(seeds)]  # the other-budget and unfinished runs are not in
+        for column, stat in ((4, "zero-shot"), (5, "final"), (6, "auc")):
+            if stat not in expected:
+                assert cells[column] == "-"
+                continue
+            value, lo, hi = interval(cells[column])
+            assert value == pytest.approx(expected[stat], abs=5e-4) and lo <= value <= hi
+    assert interval(rows["single-task", "scratch"][6])[0] == pytest.approx(0.375, abs=5e-4)
+    assert interval(rows["VarShare", "task-params"][4])[1:] == pytest.approx((0.2, 0.4))  # 2 runs: either one
+    base = table_row(transfer.split("Base runs")[1], "VarShare")
+    assert base[1:3] == ["2", "2"] and base[3] == "0.500 [0.500, 0.500]"  # scores 1.0 and 0.0 on the other tasks
+    assert (out / f"transfer_mt3_{HELD_OUT}.png").read_bytes().startswith(PNG_MAGIC)
+    assert f"](transfer_mt3_{HELD_OUT}.png)" in transfer
+    assert "trapezoid rule" in text and "divided by the env steps of the final evaluation" in text
+
+
+def test_area_under_curve_by_hand():
+    run = report.Run("r", {"total_timesteps": 1000}, summary={"global_step": 1000, "per_task": {"a": {"x": 1.0}}},
+                     curve=[{"global_step": 250, "per_task": {"a": {"x": 0.5}}},
+                            {"global_step": 1000, "per_task": {"a": {"x": 0.9}}}],
+                     zero_shot={"per_task": {"a": {"x": 0.1}}})
+    # (0.1+0.5)/2*250 + (0.5+0.9)/2*750 + 0 (the final evaluation at the same step) = 75 + 525
+    assert report.area_under_curve(run, ["a"], "x") == pytest.approx(0.6)
+    run.zero_shot = None  # a scratch run: from 0 at step 0
+    assert report.area_under_curve(run, ["a"], "x") == pytest.approx((0.25 * 250 + 525) / 1000)
+
+
+def test_leave_one_out_runs_stay_out_of_the_suite_tables(loo_built):
+    root, _, text = loo_built
+    mt3 = section(text, "mt3")
+    varshare = table_row(mt3, "VarShare")
+    assert varshare[2:4] == ["3", "3"] and interval(varshare[4])[0] == 0.5  # the main runs only
+    assert "single-task" not in mt3.split("Per task")[0]  # the oracle's scratch runs are not a main row
+    assert "## mt3 (holding out" not in text and f"## mt3 (tasks {HELD_OUT})" not in text
+    assert "## mt3 (tasks reach-v3)" in text  # a one-task run that no base held out: as before
+    runs = report.find_runs(str(root))
+    regimes = Counter(run.regime for run in runs)
+    assert regimes == {"": 3 + 4 * 2 + 1 + 1, "base": 2, "finetune": 4 + 2, "task-params": 2, "scratch": 4}
+    left_out = section(text, "Not averaged in")
+    assert table_row(left_out, "loo/finetune-long")[2:] == [
+        "VarShare, finetune", "9", f"budget 2,000 env steps, not the 1,000 of most mt3 scratch and transfer runs "
+                                   f"of held-out task {HELD_OUT}"]
+    assert table_row(left_out, "loo/finetune-cut")[4].startswith("unfinished")
+    assert f"{len(runs)} run directories: {len(runs) - 2} averaged in, 2 listed" in text
+
+
+def test_ablation_rows_follow_varshare_and_have_their_section(loo_built):
+    _, _, text = loo_built
+    order = [line.split("|")[1].strip() for line in section(text, "mt3").split("Per task")[0].splitlines()
+             if line.startswith("| ")][1:]
+    assert order == ["VarShare", "L2Soft", "VarShare beta=0", "VarShare episode weights",
+                     "VarShare reparam estimator"]
+    ablations = section(text, "VarShare's ablations")
+    assert table_row(ablations, "VarShare")[5] == "(reference)"
+    # P(VarShare > row) per task (VarShare: reach 0.9/0.8/1.0, push 0.5/0.6/0.4, pick-place 0.1/0.2/0.0), mean of 3:
+    # beta=0 (0.3 each; 3 runs, one by hand without suffix): 1, 1, 0; L2Soft and reparam (0.5): 1, 1/2, 0;
+    # episode weights (1.0): 1/6 (reach: VarShare's 1.0 ties both runs' 1.0), 0, 0
+    for label, runs, score, improvement in (("L2Soft", "2", "0.500", 0.5), ("VarShare beta=0", "3", "0.300", 2 / 3),
+                                            ("VarShare reparam estimator", "2", "0.500", 0.5),
+                                            ("VarShare episode weights", "2", "1.000", 1 / 18)):
+        cells = table_row(ablations, label)
+        assert cells[1].startswith({"L2Soft": "--residual l2", "VarShare beta=0": "--beta 0",
+                                    "VarShare reparam estimator": "--estimator reparam",
+                                    "VarShare episode weights": "--rollout-weights episode"}[label])
+        assert cells[3] == runs and cells[4].startswith(score)
+        assert interval(cells[5])[0] == round(improvement, 2)
+
+
+def test_transfer_rows_go_to_wandb_as_a_table(loo_built, tmp_path):
+    root, _, _ = loo_built
+    wandb_dir = tmp_path / "wandb"
+    wandb_dir.mkdir()
+    proc = subprocess.run([PYTHON, "-m", "shared.report", str(root), "--out", str(tmp_path / "report"), "--reps", "200",
+                           "--wandb"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(wandb_dir)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (offline,) = wandb_dir.rglob("offline-run-*")
+    records = read_wandb_records(next(offline.glob("run-*.wandb")))
+    logged = {}  # media are logged as nested keys: (name, field) -> value
+    for item in (i for r in records if r.WhichOneof("record_type") == "history" for i in r.history.item):
+        if len(item.nested_key) == 2:
+            logged.setdefault(item.nested_key[0], {})[item.nested_key[1]] = json.loads(item.value_json)
+    table = json.loads((offline / "files" / logged["report/transfer"]["path"]).read_text())
+    rows = {(r["row"], r["regime"]): r for r in (dict(zip(table["columns"], d, strict=True)) for d in table["data"])}
+    finetune = rows["VarShare", "finetune"]
+    assert (finetune["held_out"], finetune["runs"]) == (HELD_OUT, 4)
+    assert (finetune["zero_shot"], finetune["final"], finetune["auc"]) == pytest.approx((0.5, 0.9, 0.675))
+    assert rows["VarShare", "scratch"]["zero_shot"] is None and rows["VarShare", "base"]["auc"] is None
+    assert f"figures/transfer_mt3_{HELD_OUT}" in logged

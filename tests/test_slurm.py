@@ -4,7 +4,8 @@ The test installs the packages when they are missing, starts munged, slurmctld a
 private configuration (free ports, state under a fresh folder in /tmp, its own munge socket, as in
 ../shared/notes/slurm-single-node.md), submits a small toy matrix through ``shared.matrix``,
 requeues one array task mid-run as a preemption would, waits, checks that every run finished and
-that the requeued one resumed, and stops the daemons it started. It needs root on Debian (apt-get,
+that the requeued one resumed; then a leave-one-out matrix whose transfer array waits for its bases'
+array (afterok); and stops the daemons it started. It needs root on Debian (apt-get,
 daemons that run jobs as any user); elsewhere it is skipped.
 """
 
@@ -230,3 +231,34 @@ def test_a_toy_matrix_runs_through_slurm_and_a_requeued_task_resumes(slurm, tmp_
                            text=True, timeout=300)
     assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
     assert len(matrix.submissions(str(runs))) == 1
+
+
+def test_leave_one_out_transfer_tasks_start_after_their_base_array(slurm, tmp_path):
+    """--loo on Slurm: the bases' array, then the transfer array submitted with afterok on it; the
+    transfer runs start from the base run once it finished."""
+    env, base = slurm
+    runs = tmp_path / "runs"
+    held_out = "standard-inverted"
+    launch = ["--suites", "cartpole-conflict", "--methods", "ppo_varshare", "--seeds", "1", "--budget", "4096",
+              "--loo-budget", "1024", "--loo", held_out, "--runs-dir", str(runs), "--launcher", "slurm",
+              "--cpus-per-task", "1", "--mem", "400M", "--time", "10:00", "--", "--hidden-sizes", "16",
+              "--update-epochs", "1", "--eval-episodes", "1", "--final-eval-episodes", "1"]
+    submitted = subprocess.run([PYTHON, "-m", "shared.matrix", *launch], cwd=REPO, env=env, capture_output=True,
+                               text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    plain, bases, transfers = matrix.submissions(str(runs))
+    assert transfers["after"] == [bases["array_job"]]
+    deadline = time.time() + 240
+    while time.time() < deadline and any(queue(env, s["array_job"]) for s in (plain, bases, transfers)):
+        time.sleep(0.5)
+    jobs = {job.name: job for s in (plain, bases, transfers)
+            for job in (matrix.Job.from_json(j) for j in json.loads(Path(s["plan"]).read_text())["jobs"])}
+    for job in jobs.values():
+        assert matrix.finished_run(job.dir), f"{job.name} did not finish:\n{debug(base, runs)}"
+    loo = f"cartpole-conflict/loo-{held_out}/ppo_varshare"
+    base_run = matrix.finished_run(jobs[f"{loo}/base/seed1"].dir)
+    base_ended = json.loads(Path(jobs[f"{loo}/base/seed1"].dir, "job.json").read_text())["attempts"][-1]["ended"]
+    for regime in ("finetune", "task-params"):
+        attempt, = json.loads(Path(jobs[f"{loo}/{regime}/seed1"].dir, "job.json").read_text())["attempts"]
+        assert attempt["init_from"] == base_run and attempt["started"] >= base_ended
+        assert attempt["slurm_task"].split("_")[0] == transfers["array_job"]
