@@ -1,6 +1,6 @@
 """How far VarShare's update cost is from the least its estimator needs, from one run.
 
-    .venv/bin/python benchmarks/varshare_cost_floor.py [--reps 15]
+    .venv/bin/python benchmarks/varshare_cost_floor.py [--reps 15] [--device cuda]
 
 At each shape of benchmarks/update_cost.py this times, in interleaved rounds:
 - ppo_mtl_embed's whole minibatch update (the reference, 1.00);
@@ -145,8 +145,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--profile", type=int, default=0, help="profile this many MT10 Flipout updates instead")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the agents, data and timings are")
     opts = parser.parse_args()
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
+    if opts.profile > 0 and opts.device != "cpu":
+        parser.error("--profile reads CPU self times; run it with --device cpu")
     torch.set_num_threads(1)
+    torch.set_default_device(opts.device)  # agents, minibatches and random work tensors alike
+    sync = torch.cuda.synchronize if opts.device.startswith("cuda") else (lambda: None)
     mtl, varshare = load("ppo_mtl_embed"), load("ppo_varshare")
     if opts.profile > 0:
         print_profile(mtl, varshare, opts.profile)
@@ -171,12 +178,15 @@ def main() -> None:
                 f(i + 1)
         for rep in range(opts.reps):
             for name, f in work.items():
+                sync()
                 tic = time.perf_counter()
                 f(rep + 1)
+                sync()  # a GPU runs asynchronously: time until the work is done
                 timings[name].append(time.perf_counter() - tic)
         med = {name: float(np.median(t)) for name, t in timings.items()}
         base = med["ppo_mtl_embed update"]
-        print(f"\n{env_id}: {n} transitions per task per minibatch, {opts.reps} interleaved rounds, one thread")
+        where = "one thread" if opts.device == "cpu" else f"{opts.device} ({torch.cuda.get_device_name(0)})"
+        print(f"\n{env_id}: {n} transitions per task per minibatch, {opts.reps} interleaved rounds, {where}")
         print("| work | median ms | ratio to ppo_mtl_embed's update |")
         print("|---|---|---|")
         for name, t in med.items():
