@@ -44,7 +44,7 @@ from shared.params import count_parameters, per_task
 from shared.progress import Progress
 from shared.runlog import RunLogger
 from shared.suites import apply_suite_defaults, env_seed, make_suite, make_vector_env, select_tasks, space_dims
-from shared.transfer import check_shape, init_from_base, load_shared, transfer_args
+from shared.transfer import init_from_base, load_onehot_mlps, transfer_args
 
 ALGO = "ppo_mtl_embed"
 
@@ -260,6 +260,7 @@ def make_optimizer(args: Args, agent: Agent) -> torch.optim.Optimizer:
 def select_run_tasks(args: Args, suite):
     return select_tasks(suite, args.tasks, args.holdout_task)
 
+
 def transfer_weights(agent: Agent, base: dict) -> dict:
     """Leave-one-out transfer into this one-task agent (shared/transfer.py): the base run's weights,
     except the new task's own entries, which keep a fresh agent's start: its one-hot column of the
@@ -269,21 +270,7 @@ def transfer_weights(agent: Agent, base: dict) -> dict:
     if agent.task_embedding is not None:
         raise UsageError("--task-encoding learned has no embedding for a task the base run never saw; "
                          "leave-one-out transfer uses the one-hot encoding (the default)")
-    first = ("actor.0.weight", "critic.0.weight")
-    own = load_shared(agent, base, skip=first)
-    state = agent.state_dict()
-    with torch.no_grad():
-        for name in first:
-            weight, base_weight = state[name], base[name]  # [h, obs_dim + 1], [h, obs_dim + T_base]
-            obs_dim = weight.shape[1] - agent.num_tasks
-            check_shape(f"{name} (observation columns)", (base_weight.shape[0], min(obs_dim, base_weight.shape[1])),
-                        (weight.shape[0], obs_dim))
-            weight[:, :obs_dim] = base_weight[:, :obs_dim]
-            mask = torch.zeros_like(weight, dtype=torch.bool)
-            mask[:, obs_dim:] = True  # the new task's column
-            own[name] = mask
-    return own
-
+    return load_onehot_mlps(agent, base, first=("actor.0.weight", "critic.0.weight"))
 
 
 def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor, info: dict) -> dict:

@@ -391,6 +391,7 @@ def make_optimizer(args: Args, agent: Agent) -> torch.optim.Optimizer:
 def select_run_tasks(args: Args, suite):
     return select_tasks(suite, args.tasks, args.holdout_task)
 
+
 def transfer_weights(agent: Agent, base: dict) -> dict:
     """Leave-one-out transfer into this one-task agent (shared/transfer.py): the base run's parameter
     copies; the new task's w row starts at the mean of the base run's trained rows (a composition
@@ -401,7 +402,6 @@ def transfer_weights(agent: Agent, base: dict) -> dict:
     with torch.no_grad():
         agent.w.copy_(base["w"].mean(0, keepdim=True))
     return own
-
 
 
 def exploding_tasks(args: Args, task_losses: torch.Tensor,

@@ -252,9 +252,9 @@ def select_run_tasks(args: Args, suite):
         return suite
     return select_tasks(suite, args.tasks, args.holdout_task)
 
+
 # One network per task, nothing shared: a held-out task's run is the plain run (shared/transfer.py).
 transfer_weights = None
-
 
 
 def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor, info: dict) -> dict:

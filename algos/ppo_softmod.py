@@ -398,12 +398,12 @@ def select_run_tasks(args: Args, suite):
     resolve_sizes(args, suite)
     return select_tasks(suite, args.tasks, args.holdout_task)
 
+
 def transfer_weights(agent: Agent, base: dict) -> dict:
     """Leave-one-out transfer into this one-task agent (shared/transfer.py): the base run's encoders,
     routing and modules; the new task's embedding row keeps a fresh agent's random start (as every
     task's row starts) and its log-std row 0. Under --transfer task-params only those train."""
     return load_shared(agent, base)
-
 
 
 def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor, info: dict) -> dict:

@@ -759,13 +759,13 @@ def make_optimizer(args: Args, agent: Agent) -> torch.optim.Optimizer:
 def select_run_tasks(args: Args, suite):
     return select_tasks(suite, args.tasks, args.holdout_task)
 
+
 def transfer_weights(agent: Agent, base: dict) -> dict:
     """Leave-one-out transfer into this one-task agent (shared/transfer.py): the base run's shared
     theta and biases; the new task's residual starts at mu = 0 with sigma at its initial value (so
     the zero-shot policy is the shared theta), its log-std row at 0. Under --transfer task-params only
     the new task's mu, rho (and residual biases) and log-std row train."""
     return load_shared(agent, base)
-
 
 
 def l2_layer_lambda(args: Args, layer: VarShareLinear) -> float:

@@ -110,6 +110,25 @@ def load_shared(agent: torch.nn.Module, base_state: dict, skip: tuple[str, ...] 
     return own
 
 
+def load_onehot_mlps(agent: torch.nn.Module, base_state: dict, first: tuple[str, ...]) -> dict:
+    """``load_shared`` for an agent whose first layers (``first``) read [observation, one-hot task]:
+    their observation columns come from the base run, the new task's column (the last) keeps the
+    fresh agent's start and is the task's own entry, as a bool mask beside the shared columns."""
+    own = load_shared(agent, base_state, skip=first)
+    state = agent.state_dict()
+    with torch.no_grad():
+        for name in first:
+            weight, base_weight = state[name], base_state[name]  # [h, obs_dim + 1], [h, obs_dim + T_base]
+            obs_dim = weight.shape[1] - 1
+            check_shape(f"{name} (observation columns)", (base_weight.shape[0], min(obs_dim, base_weight.shape[1])),
+                        (weight.shape[0], obs_dim))
+            weight[:, :obs_dim] = base_weight[:, :obs_dim]
+            mask = torch.zeros_like(weight, dtype=torch.bool)
+            mask[:, obs_dim:] = True
+            own[name] = mask
+    return own
+
+
 def check_shape(name: str, base_shape, shape) -> None:
     if tuple(base_shape) != tuple(shape):
         raise UsageError(f"'{name}' is {list(base_shape)} in the base run and {list(shape)} here: the base run "
