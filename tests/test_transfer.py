@@ -4,6 +4,7 @@ the zero-shot line, and one-sentence refusals of bad input (shared/transfer.py).
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -158,3 +159,37 @@ def test_a_base_of_another_width_is_refused_with_the_parameter_named(base_runs, 
     agent = module.make_agent(args, select_tasks(suite, [HELD_OUT], None), 4, 2, True)
     with pytest.raises(UsageError, match=r"theta. is \[4, 16\] in the base run and \[4, 32\] here"):
         load_shared(agent, checkpoint(base_runs["ppo_varshare"])["agent"])
+
+
+def test_a_resumed_transfer_run_keeps_one_zero_shot_line_and_its_frozen_weights(base_runs, tmp_path, monkeypatch):
+    """Resume from a checkpoint written mid-run: the zero-shot evaluation is not redone, and the
+    shared weights stay frozen in the resumed part (the freeze is rebuilt from the base run)."""
+    name = "ppo_varshare"
+    module = load_script(name)
+    iteration = 4 * 128
+    saved = module.save_checkpoint
+
+    def keep_mid_run_copy(path, *args, **kwargs):
+        saved(path, *args, **kwargs)
+        if args[4] == 2 * iteration:  # global_step
+            shutil.copy(path, path + ".mid")
+
+    monkeypatch.setattr(module, "save_checkpoint", keep_mid_run_copy)
+    run(name, ["--env-id", SUITE, "--init-from", str(base_runs[name]), "--transfer", "task-params",
+               "--total-timesteps", str(4 * iteration), "--eval-every", str(iteration), "--update-epochs", "2",
+               "--eval-episodes", "1", "--final-eval-episodes", "1", "--runs-dir", str(tmp_path)])
+    monkeypatch.setattr(module, "save_checkpoint", saved)
+    run_dir = only_run(tmp_path)
+    shutil.move(run_dir / "checkpoint.pt.mid", run_dir / "checkpoint.pt")
+    (run_dir / "summary.json").unlink()
+    run(name, ["--resume", str(run_dir)])
+    lines = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [line.get("label") for line in lines].count("zero-shot") == 1
+    assert [line["global_step"] for line in lines] == [0, iteration, 2 * iteration, 3 * iteration, 4 * iteration,
+                                                       4 * iteration]
+    base, after = checkpoint(base_runs[name])["agent"], checkpoint(run_dir)
+    assert after["global_step"] == 4 * iteration
+    _, own = own_entries(name, base_runs[name])
+    for key, value in after["agent"].items():
+        if key not in own:
+            assert torch.equal(value, base[key]), f"shared '{key}' moved after the resume"
