@@ -18,7 +18,7 @@ run of the same script then learns task k alone, for its own budget:
   before any update.
 
 Bad input (another method's run, another suite, a task the base trained on, another width, a
-base run without a checkpoint) gets one sentence and exit code 2.
+base run that has not finished or has no checkpoint) gets one sentence and exit code 2.
 """
 
 from __future__ import annotations
@@ -154,6 +154,9 @@ def init_from_base(args, algo: str, agent: torch.nn.Module, obs_normalizer, tran
     script's own rule, returns the new task's own entries) and the observation normaliser; freeze
     the rest for ``--transfer task-params``. Returns the own-entries map."""
     path = os.path.join(args.init_from, "checkpoint.pt")
+    if not os.path.isfile(os.path.join(args.init_from, "summary.json")):
+        raise UsageError(f"--init-from {args.init_from}: that run has not finished (no summary.json), so its "
+                         f"checkpoint is not its final agent; wait for it, or resume it first")
     if not os.path.isfile(path):
         raise UsageError(f"--init-from {args.init_from}: no checkpoint.pt there (the base run has not "
                          f"reached its first checkpoint)")

@@ -144,6 +144,12 @@ def test_refuses_another_method_suite_or_a_script_that_shares_nothing(base_runs,
         run("ppo_varshare", ["--env-id", "cartpole-mt", "--init-from", base, "--transfer", "finetune"])
     with pytest.raises(UsageError, match="no args.json there"):
         run("ppo_varshare", ["--env-id", SUITE, "--init-from", str(tmp_path), "--transfer", "finetune"])
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(base, unfinished)
+    (unfinished / "summary.json").unlink()
+    with pytest.raises(UsageError, match="that run has not finished"):
+        run("ppo_varshare", ["--env-id", SUITE, "--init-from", str(unfinished), "--transfer", "finetune",
+                             "--runs-dir", str(tmp_path / "runs")])
     result = run_script("ppo_single", ["--env-id", SUITE, "--init-from", base, "--transfer", "finetune",
                                        "--runs-dir", str(tmp_path)])
     assert result.returncode == 2 and "shares no parameters between tasks" in result.stderr
