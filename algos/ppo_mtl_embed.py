@@ -261,7 +261,7 @@ def select_run_tasks(args: Args, suite):
     return select_tasks(suite, args.tasks, args.holdout_task)
 
 
-def transfer_weights(agent: Agent, base: dict) -> dict:
+def transfer_weights(args: Args, agent: Agent, base: dict) -> dict:
     """Leave-one-out transfer into this one-task agent (shared/transfer.py): the base run's weights,
     except the new task's own entries, which keep a fresh agent's start: its one-hot column of the
     first actor and critic layers (the last input column, orthogonal init like every column) and its

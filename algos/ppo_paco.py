@@ -392,7 +392,7 @@ def select_run_tasks(args: Args, suite):
     return select_tasks(suite, args.tasks, args.holdout_task)
 
 
-def transfer_weights(agent: Agent, base: dict) -> dict:
+def transfer_weights(args: Args, agent: Agent, base: dict) -> dict:
     """Leave-one-out transfer into this one-task agent (shared/transfer.py): the base run's parameter
     copies; the new task's w row starts at the mean of the base run's trained rows (a composition
     between the known tasks' ones), its log-std row at 0. Under --transfer task-params only w and the

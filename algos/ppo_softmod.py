@@ -106,7 +106,7 @@ from shared.suites import (
     select_tasks,
     space_dims,
 )
-from shared.transfer import init_from_base, load_shared, transfer_args
+from shared.transfer import check_shape, init_from_base, load_shared, transfer_args
 
 ALGO = "ppo_softmod"
 
@@ -243,6 +243,9 @@ class Args(PPOArgs):
     embedding_width: Optional[int] = None
     """D: width of the state and task encoders (default: 400 on mt10 as in the paper, else the widest of
     --hidden-sizes)"""
+    transfer_embedding: Literal["fresh", "mean"] = "fresh"
+    """with --init-from: the held-out task's embedding row starts fresh (random, as every row starts;
+    PROTOCOL section 7) or at the mean of the base run's trained rows (PaCo's rule for its w)"""
 
 
 OBS_NORM_PER_TASK = False  # one observation normaliser shared by all tasks
@@ -396,14 +399,25 @@ def make_optimizer(args: Args, agent: Agent) -> torch.optim.Optimizer:
 def select_run_tasks(args: Args, suite):
     # The first hook after the suite defaults are in args: check and derive the sizes before any env exists.
     resolve_sizes(args, suite)
+    if args.transfer_embedding != "fresh" and args.init_from is None:
+        raise UsageError("--transfer-embedding says where a transfer run's new embedding row starts; it needs "
+                         "--init-from BASE_RUN_DIR")
     return select_tasks(suite, args.tasks, args.holdout_task)
 
 
-def transfer_weights(agent: Agent, base: dict) -> dict:
+def transfer_weights(args: Args, agent: Agent, base: dict) -> dict:
     """Leave-one-out transfer into this one-task agent (shared/transfer.py): the base run's encoders,
-    routing and modules; the new task's embedding row keeps a fresh agent's random start (as every
-    task's row starts) and its log-std row 0. Under --transfer task-params only those train."""
-    return load_shared(agent, base)
+    routing and modules; the new task's embedding rows (actor and critic) keep a fresh agent's random
+    start (as every task's row starts), or with --transfer-embedding mean start at the mean of the base
+    run's trained rows; its log-std row starts at 0. Under --transfer task-params only those train."""
+    own = load_shared(agent, base)
+    if args.transfer_embedding == "mean":
+        with torch.no_grad():
+            for net in ("actor", "critic"):
+                rows, own_row = base[f"{net}.task_weight"], agent.get_submodule(net).task_weight
+                check_shape(f"{net}.task_weight (one task's row)", rows.shape[1:], own_row.shape[1:])
+                own_row.copy_(rows.mean(0, keepdim=True))
+    return own
 
 
 def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor, info: dict) -> dict:

@@ -760,7 +760,7 @@ def select_run_tasks(args: Args, suite):
     return select_tasks(suite, args.tasks, args.holdout_task)
 
 
-def transfer_weights(agent: Agent, base: dict) -> dict:
+def transfer_weights(args: Args, agent: Agent, base: dict) -> dict:
     """Leave-one-out transfer into this one-task agent (shared/transfer.py): the base run's shared
     theta and biases; the new task's residual starts at mu = 0 with sigma at its initial value (so
     the zero-shot policy is the shared theta), its log-std row at 0. Under --transfer task-params only

@@ -168,7 +168,7 @@ def init_from_base(args, algo: str, agent: torch.nn.Module, obs_normalizer, tran
     if extra.get("algo") != algo:
         raise UsageError(f"--init-from {args.init_from}: checkpoint.pt was written by {extra.get('algo')}, not {algo}")
     device = next(agent.parameters()).device
-    own = transfer_weights(agent, {name: t.to(device) for name, t in base_state.items()})
+    own = transfer_weights(args, agent, {name: t.to(device) for name, t in base_state.items()})
     if hasattr(agent, "clear_weight_cache"):
         agent.clear_weight_cache()
     obs_normalizer.load_state_dict(state["obs_normalizer"])

@@ -57,14 +57,14 @@ def checkpoint(run_dir) -> dict:
     return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
 
 
-def own_entries(name: str, base_dir) -> dict:
+def own_entries(name: str, base_dir, *extra: str) -> dict:
     """The new task's own entries of a transfer agent, from the script's own rule."""
     module = load_script(name)
-    args = tyro.cli(module.Args, args=["--env-id", SUITE, "--tasks", HELD_OUT, "--hidden-sizes", "16"])
+    args = tyro.cli(module.Args, args=["--env-id", SUITE, "--tasks", HELD_OUT, "--hidden-sizes", "16", *extra])
     suite = make_suite(SUITE)
     apply_suite_defaults(args, suite)
     agent = module.make_agent(args, module.select_run_tasks(args, suite), 4, 2, True)  # CartPole: 4 obs, 2 actions
-    return agent, module.transfer_weights(agent, checkpoint(base_dir)["agent"])
+    return agent, module.transfer_weights(args, agent, checkpoint(base_dir)["agent"])
 
 
 @pytest.mark.parametrize("name", MULTITASK)
@@ -121,6 +121,20 @@ def test_the_new_task_starts_neutral(name, base_runs):
         for key in ("actor.0.weight", "critic.0.weight"):
             assert torch.equal(state[key][:, :-1], base[key][:, :4])  # CartPole: 4 observation columns
             assert own[key][:, -1].all() and not own[key][:, :-1].any()
+
+
+def test_softmod_can_start_the_new_embedding_row_at_the_mean_of_the_trained_rows(base_runs, tmp_path):
+    base_dir = base_runs["ppo_softmod"]
+    base = checkpoint(base_dir)["agent"]
+    fresh, _ = own_entries("ppo_softmod", base_dir)
+    agent, own = own_entries("ppo_softmod", base_dir, "--init-from", str(base_dir), "--transfer-embedding", "mean")
+    for net in ("actor", "critic"):
+        key = f"{net}.task_weight"
+        assert key in own
+        assert torch.allclose(agent.state_dict()[key], base[key].mean(0, keepdim=True))
+        assert not torch.allclose(fresh.state_dict()[key], base[key].mean(0, keepdim=True))
+    with pytest.raises(UsageError, match="--transfer-embedding says where"):
+        run("ppo_softmod", ["--env-id", SUITE, "--transfer-embedding", "mean", "--runs-dir", str(tmp_path)])
 
 
 @pytest.mark.parametrize(("argv", "message"), [
