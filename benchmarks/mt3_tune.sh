@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Every tuning run behind the README's mt3-tune table, by name, so that each row can be redone
+# from a clean clone. Each run: 1M env steps on mt3-tune (333k per task), evaluation every 200k
+# steps, 50 final episodes per task; its directory is runs/<group>/<suite>__<method>__<seed>__<time>__<name>.
+#
+#   bash benchmarks/mt3_tune.sh                 # list the runs
+#   bash benchmarks/mt3_tune.sh tune-ppo/defaults tune-varshare/g0.12-b3-s2   # run these, in turn
+#   .venv/bin/python benchmarks/tuning_table.py runs/tune-*   # the table's evidence
+#
+# Two invocations side by side use the two cores of the reference machine (one run per core).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# name | group | seed | script and the flags that differ from the defaults
+RUNS=$(cat <<'EOF'
+defaults|tune-ppo|1|ppo_mtl_embed.py
+k10-s200|tune-ppo|1|ppo_mtl_embed.py --num-envs-per-task 10 --num-steps 200
+lr1e-3|tune-ppo|1|ppo_mtl_embed.py --learning-rate 1e-3
+mb40|tune-ppo|1|ppo_mtl_embed.py --num-minibatches 40
+epochs5|tune-ppo|1|ppo_mtl_embed.py --update-epochs 5
+w400x3|tune-ppo|1|ppo_mtl_embed.py --hidden-sizes 400 400 400
+learned|tune-ppo|1|ppo_mtl_embed.py --task-encoding learned
+learned-s2|tune-ppo|2|ppo_mtl_embed.py --task-encoding learned
+g0.24-b1|tune-varshare|1|ppo_varshare.py --sigma-prior-gain 0.24 --beta 1
+g0.24-b3|tune-varshare|1|ppo_varshare.py --sigma-prior-gain 0.24 --beta 3
+g0.12-b0.3|tune-varshare|1|ppo_varshare.py --sigma-prior-gain 0.12 --beta 0.3
+g0.12-b1|tune-varshare|1|ppo_varshare.py --sigma-prior-gain 0.12 --beta 1
+g0.12-b3|tune-varshare|1|ppo_varshare.py --sigma-prior-gain 0.12 --beta 3
+g0.06-b1|tune-varshare|1|ppo_varshare.py --sigma-prior-gain 0.06 --beta 1
+g0.12-b3-s2|tune-varshare|2|ppo_varshare.py --sigma-prior-gain 0.12 --beta 3
+g0.06-b1-s2|tune-varshare|2|ppo_varshare.py --sigma-prior-gain 0.06 --beta 1
+defaults|tune-paco|1|ppo_paco.py
+ratio100|tune-paco|1|ppo_paco.py --maskout-ratio 100
+no-maskout|tune-paco|1|ppo_paco.py --no-maskout
+EOF
+)
+
+if [ $# -eq 0 ]; then
+  echo "runs (group/name, seed, command):"
+  echo "$RUNS" | awk -F'|' '{printf "  %-28s seed %s  algos/%s\n", $2 "/" $1, $3, $4}'
+  exit 0
+fi
+
+PY=${PYTHON:-.venv/bin/python}
+for key in "$@"; do
+  line=$(echo "$RUNS" | awk -F'|' -v k="$key" '$2 "/" $1 == k')
+  if [ -z "$line" ]; then
+    echo "mt3_tune.sh: no run '$key' (group/name, e.g. tune-ppo/defaults); run it without arguments for the list" >&2
+    exit 2
+  fi
+  IFS='|' read -r name group seed cmd <<<"$line"
+  mkdir -p "runs/$group"
+  # shellcheck disable=SC2086  # cmd is a script and its flags, split on purpose
+  "$PY" algos/$cmd --env-id mt3-tune --seed "$seed" --total-timesteps 1000000 --eval-every 200000 \
+    --runs-dir "runs/$group" --run-name-suffix "$name" > "runs/$group/$name.log" 2>&1
+  echo "$key: done (runs/$group/$name.log)"
+done
