@@ -115,6 +115,9 @@ class PPOArgs:
     """clip the value loss as CleanRL does"""
     ent_coef: Optional[float] = None
     """entropy bonus coefficient (default: suite table)"""
+    init_logstd: float = 0.0
+    """initial log-std of the Gaussian policy, every task and action dimension (0: std 1); continuous
+    actions only"""
     vf_coef: Optional[float] = None
     """value loss coefficient (default: suite table)"""
     max_grad_norm: Optional[float] = None
@@ -265,7 +268,7 @@ def transfer_weights(args: Args, agent: Agent, base: dict) -> dict:
     """Leave-one-out transfer into this one-task agent (shared/transfer.py): the base run's weights,
     except the new task's own entries, which keep a fresh agent's start: its one-hot column of the
     first actor and critic layers (the last input column, orthogonal init like every column) and its
-    log-std row (0). Under --transfer task-params only those entries train. A learned encoding has
+    log-std row (--init-logstd). Under --transfer task-params only those entries train. A learned encoding has
     no row for a new task that the base run's first layers could read, so it is refused."""
     if agent.task_embedding is not None:
         raise UsageError("--task-encoding learned has no embedding for a task the base run never saw; "
@@ -371,6 +374,12 @@ def main(args) -> dict:
     eval_envs, _ = make_vector_env(suite, 1, args.seed, args.async_envs, evaluation=True)
     obs_dim, act_dim, discrete = space_dims(envs)
     agent = make_agent(args, suite, obs_dim, act_dim, discrete).to(device)
+    if args.init_logstd != 0.0:
+        if discrete:
+            raise UsageError(f"--init-logstd sets a Gaussian policy's initial spread, but {args.env_id}'s actions "
+                             f"are discrete; drop the flag")
+        with torch.no_grad():
+            agent.actor_logstd.fill_(args.init_logstd)
     obs_normalizer = ObsNormalizer(T, obs_dim, per_task=OBS_NORM_PER_TASK)
     reward_scaler = RewardScaler(T, k, args.gamma)
     if args.init_from is not None:  # leave-one-out transfer: the base run's shared weights (shared/transfer.py)

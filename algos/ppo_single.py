@@ -111,6 +111,9 @@ class PPOArgs:
     """clip the value loss as CleanRL does"""
     ent_coef: Optional[float] = None
     """entropy bonus coefficient (default: suite table)"""
+    init_logstd: float = 0.0
+    """initial log-std of the Gaussian policy, every task and action dimension (0: std 1); continuous
+    actions only"""
     vf_coef: Optional[float] = None
     """value loss coefficient (default: suite table)"""
     max_grad_norm: Optional[float] = None
@@ -359,6 +362,12 @@ def main(args) -> dict:
     eval_envs, _ = make_vector_env(suite, 1, args.seed, args.async_envs, evaluation=True)
     obs_dim, act_dim, discrete = space_dims(envs)
     agent = make_agent(args, suite, obs_dim, act_dim, discrete).to(device)
+    if args.init_logstd != 0.0:
+        if discrete:
+            raise UsageError(f"--init-logstd sets a Gaussian policy's initial spread, but {args.env_id}'s actions "
+                             f"are discrete; drop the flag")
+        with torch.no_grad():
+            agent.actor_logstd.fill_(args.init_logstd)
     obs_normalizer = ObsNormalizer(T, obs_dim, per_task=OBS_NORM_PER_TASK)
     reward_scaler = RewardScaler(T, k, args.gamma)
     if args.init_from is not None:  # leave-one-out transfer: the base run's shared weights (shared/transfer.py)

@@ -21,6 +21,7 @@ epochs5|tune-ppo|1|ppo_mtl_embed.py --update-epochs 5
 w400x3|tune-ppo|1|ppo_mtl_embed.py --hidden-sizes 400 400 400
 learned|tune-ppo|1|ppo_mtl_embed.py --task-encoding learned
 learned-s2|tune-ppo|2|ppo_mtl_embed.py --task-encoding learned
+logstd-1|tune-ppo|1|ppo_mtl_embed.py --init-logstd -1
 g0.24-b1|tune-varshare|1|ppo_varshare.py --sigma-prior-gain 0.24 --beta 1
 g0.24-b3|tune-varshare|1|ppo_varshare.py --sigma-prior-gain 0.24 --beta 3
 g0.12-b0.3|tune-varshare|1|ppo_varshare.py --sigma-prior-gain 0.12 --beta 0.3

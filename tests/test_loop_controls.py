@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from shared.cli import UsageError
 from tests.conftest import load_script
 
 TASKS = ["standard", "long-pole"]
@@ -145,3 +146,26 @@ def test_oracle_task_flag_trains_one_task_on_total_over_t(tmp_path, monkeypatch)
     assert recorded["total_timesteps"] == 96 and recorded["task"] == "heavy-cart"
     lines = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert [(line["global_step"], line["final"]) for line in lines] == [(64, False), (96, False), (96, True)]
+
+
+@pytest.mark.parametrize("name", ["ppo_single", "ppo_mtl_embed", "ppo_varshare", "ppo_paco", "ppo_softmod",
+                                  "ppo_pcgrad"])
+def test_init_logstd_sets_the_policy_spread_before_the_first_update(name, tmp_path, monkeypatch):
+    module = load_script(name)
+    seen = []
+
+    def method_update(args, agent, optimizer, task_losses, info):
+        seen.append(agent.actor_logstd.detach().clone())
+        raise KeyboardInterrupt  # the first update is all this test needs
+
+    monkeypatch.setattr(module, "method_update", method_update)
+    args = cartpole_args(module, tmp_path, env_id="Pendulum-v1", tasks=None, init_logstd=-1.0)
+    with pytest.raises(KeyboardInterrupt):
+        module.main(args)
+    assert seen and torch.equal(seen[0], torch.full_like(seen[0], -1.0))
+
+
+def test_init_logstd_is_refused_for_discrete_actions(tmp_path):
+    module = load_script("ppo_mtl_embed")
+    with pytest.raises(UsageError, match="--init-logstd sets a Gaussian policy's initial spread"):
+        module.main(cartpole_args(module, tmp_path, init_logstd=-1.0))
