@@ -8,6 +8,11 @@
 #   .venv/bin/python benchmarks/tuning_table.py runs/tune-*   # the table's evidence
 #
 # Two invocations side by side use the two cores of the reference machine (one run per core).
+#
+# The rule for a method's own knobs: six settings at seed 1, then seed 2 of the best two (eight
+# runs per method, 1M steps each). L2Soft's lambda is swept as a multiple of the matched lambda
+# (beta / (2 sigma_prior^2) per layer, at gain 0.12): --beta is that multiple under --residual l2.
+# PCGrad and the oracle have no knob of their own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +38,21 @@ g0.06-b1-s2|tune-varshare|2|ppo_varshare.py --sigma-prior-gain 0.06 --beta 1
 defaults|tune-paco|1|ppo_paco.py
 ratio100|tune-paco|1|ppo_paco.py --maskout-ratio 100
 no-maskout|tune-paco|1|ppo_paco.py --no-maskout
+copies3|tune-paco|1|ppo_paco.py --num-copies 3
+copies10|tune-paco|1|ppo_paco.py --num-copies 10
+ratio20|tune-paco|1|ppo_paco.py --maskout-ratio 20
+L2-n2|tune-softmod|1|ppo_softmod.py --num-layers 2 --num-modules 2
+L2-n4|tune-softmod|1|ppo_softmod.py --num-layers 2 --num-modules 4
+L4-n2|tune-softmod|1|ppo_softmod.py --num-layers 4 --num-modules 2
+L4-n4|tune-softmod|1|ppo_softmod.py --num-layers 4 --num-modules 4
+L2-n2-d128|tune-softmod|1|ppo_softmod.py --num-layers 2 --num-modules 2 --module-width 128
+L4-n4-d128|tune-softmod|1|ppo_softmod.py --num-layers 4 --num-modules 4 --module-width 128
+x0.03|tune-l2soft|1|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 0.03
+x0.1|tune-l2soft|1|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 0.1
+x0.3|tune-l2soft|1|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 0.3
+x1|tune-l2soft|1|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 1
+x3|tune-l2soft|1|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 3
+x10|tune-l2soft|1|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 10
 EOF
 )
 
