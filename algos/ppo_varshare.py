@@ -17,13 +17,14 @@ Decisions (each a flag; default first):
 - Residuals on weights only; biases shared (--residual-bias adds residuals to biases).
 - theta initialised as the shared baseline's layers (orthogonal, CleanRL gains); mu = 0.
 - Prior std per layer, scaled with fan-in (--prior-scaling fan-in): sigma_prior_l =
-  --sigma-prior-gain / sqrt(fan_in_l), default gain 0.24. A weight noise sigma adds to a unit's
-  pre-activation a noise of std about sigma * sqrt(fan_in) * rms(x), so under this rule the noise
-  is about gain * rms(x) at every width (0.24 / sqrt(64) = 0.03, the absolute value chosen on the
-  64-wide toy suites; at MT10's 400 it is 0.012). --prior-scaling absolute --sigma-prior s gives
+  --sigma-prior-gain / sqrt(fan_in_l), default gain 0.24 on the toy suites and 0.12 on Meta-World
+  (chosen on mt3-tune, where 0.24 kept the clip fraction up to 2.75x shared MTL's). A weight
+  noise sigma adds to a unit's pre-activation a noise of std about sigma * sqrt(fan_in) * rms(x),
+  so under this rule the noise is about gain * rms(x) at every width (0.24 / sqrt(64) = 0.03, the
+  absolute value chosen on the 64-wide toy suites). --prior-scaling absolute --sigma-prior s gives
   every layer s (the earlier behaviour at s = 0.03). The initial sigma is --sigma-init-ratio
   (1/30) times the layer's prior std; args.json records the per-layer values
-  (sigma_prior_per_layer). --beta 1.0.
+  (sigma_prior_per_layer). --beta 1 on the toy suites, 3 on Meta-World (mt3-tune).
 - Loss: ppo_loss + beta * mean_over_tasks(KL_m) / N_m, N_m = num_envs_per_task * num_steps,
   the transitions of one task in one rollout (--kl-scale per-rollout; alternatives: sum,
   per-param). The term is added on every minibatch, matching the per-example ELBO weighting
@@ -234,13 +235,15 @@ def action_logprob_entropy(head: torch.Tensor, logstd: torch.Tensor | None, acti
 class Args(PPOArgs):
     residual: Literal["variational", "l2"] = "variational"
     """variational: VarShare (Gaussian residuals, KL to the prior); l2: L2Soft (deterministic residuals, L2 penalty)"""
-    beta: float = 1.0
-    """weight of the KL term (ELBO weighting of one rollout's data against the prior at kl-scale per-rollout)"""
+    beta: Optional[float] = None
+    """weight of the KL term (ELBO weighting of one rollout's data against the prior at kl-scale per-rollout);
+    default 1 on the toy suites, 3 on Meta-World (SUITE_KIND_DEFAULTS)"""
     prior_scaling: Literal["fan-in", "absolute"] = "fan-in"
     """fan-in: a layer's prior std is --sigma-prior-gain / sqrt(fan_in), so the noise a residual adds to a
     pre-activation does not grow with width; absolute: --sigma-prior for every layer"""
     sigma_prior_gain: Optional[float] = None
-    """fan-in scaling: prior std of a layer = gain / sqrt(fan_in) (default 0.24: 0.03 for a 64-wide layer)"""
+    """fan-in scaling: prior std of a layer = gain / sqrt(fan_in); default 0.24 on the toy suites (0.03 for a
+    64-wide layer), 0.12 on Meta-World (SUITE_KIND_DEFAULTS)"""
     sigma_prior: Optional[float] = None
     """absolute scaling: prior std of every residual entry (default 0.03)"""
     sigma_init_ratio: float = 1 / 30
@@ -269,6 +272,11 @@ OBS_NORM_PER_TASK = False  # one observation normaliser shared by all tasks
 
 
 DEFAULT_SIGMA_PRIOR_GAIN = 0.24  # fan-in scaling: 0.24 / sqrt(64) = 0.03, the value chosen on the toy suites
+# VarShare's own defaults by kind of suite: the toy values were chosen on the toy suites, the
+# Meta-World ones (mt3-tune, mt3, mt10, single tasks) on mt3-tune (README tuning table: of six gain x
+# beta settings, gain 0.12 with beta 3 had the best success over two seeds within the clip-fraction target).
+SUITE_KIND_DEFAULTS = {"gym": dict(sigma_prior_gain=DEFAULT_SIGMA_PRIOR_GAIN, beta=1.0),
+                       "metaworld": dict(sigma_prior_gain=0.12, beta=3.0)}
 DEFAULT_SIGMA_PRIOR = 0.03  # absolute scaling
 
 
@@ -282,8 +290,7 @@ def layer_prior_std(args: Args, fan_in: int) -> float:
     is gain * rms(x) at every width, under absolute scaling it grows as sqrt(fan_in)."""
     if args.prior_scaling == "absolute":
         return args.sigma_prior if args.sigma_prior is not None else DEFAULT_SIGMA_PRIOR
-    gain = args.sigma_prior_gain if args.sigma_prior_gain is not None else DEFAULT_SIGMA_PRIOR_GAIN
-    return gain / math.sqrt(fan_in)
+    return args.sigma_prior_gain / math.sqrt(fan_in)  # resolved by make_agent (SUITE_KIND_DEFAULTS)
 
 
 SIGN_BITS = 10  # signs per random draw: a 1,024 x 10 table (40 KB) stays in cache; wider tables did not pay
@@ -729,15 +736,21 @@ def make_agent(args: Args, suite, obs_dim: int, act_dim: int, discrete: bool) ->
         raise UsageError("--l2-lambda applies to --residual l2 only; VarShare is weighted by --beta")
     if not variational and args.l2_lambda is not None:
         for flag in ("beta", "sigma_prior", "sigma_prior_gain"):
-            if getattr(args, flag) != getattr(Args, flag):
+            if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag.replace('_', '-')} does nothing when --l2-lambda is given (L2Soft's "
                                  f"default lambda is beta / (2 sigma_prior^2)); drop one of them")
     for flag in ("sigma_prior", "sigma_prior_gain", "sigma_init_ratio"):
         value = getattr(args, flag)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
-    if not (math.isfinite(args.beta) and args.beta >= 0) or args.eval_sample_weights < 0:
+    if (args.beta is not None and not (math.isfinite(args.beta) and args.beta >= 0)) or args.eval_sample_weights < 0:
         raise UsageError("--beta and --eval-sample-weights must be non-negative")
+    # The flags left unset take the suite kind's values (args.json records them).
+    kind_defaults = SUITE_KIND_DEFAULTS[getattr(suite, "kind", "gym")]
+    if args.beta is None and args.l2_lambda is None:
+        args.beta = kind_defaults["beta"]
+    if args.sigma_prior_gain is None and args.prior_scaling == "fan-in":
+        args.sigma_prior_gain = kind_defaults["sigma_prior_gain"]
 
     def prior(fan_in: int) -> tuple[float, float]:
         sigma_prior = layer_prior_std(args, fan_in)

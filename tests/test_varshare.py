@@ -492,7 +492,8 @@ def noise_std_at_preactivation(args, width, samples=4000):
 
 
 def test_fan_in_prior_keeps_the_preactivation_noise_constant_across_widths():
-    fan_in = types.SimpleNamespace(prior_scaling="fan-in", sigma_prior_gain=None, sigma_prior=None)
+    toy_gain = vs.SUITE_KIND_DEFAULTS["gym"]["sigma_prior_gain"]
+    fan_in = types.SimpleNamespace(prior_scaling="fan-in", sigma_prior_gain=toy_gain, sigma_prior=None)
     absolute = types.SimpleNamespace(prior_scaling="absolute", sigma_prior_gain=None, sigma_prior=None)
     assert vs.layer_prior_std(fan_in, 64) == pytest.approx(0.03)  # the toy width keeps the old default
     assert vs.layer_prior_std(fan_in, 400) == pytest.approx(0.012)
@@ -526,3 +527,23 @@ def test_make_agent_records_per_layer_priors_and_refuses_mixed_scalings():
     l2 = types.SimpleNamespace(**{**vars(args), "residual": "l2", "sigma_init_ratio": vs.Args.sigma_init_ratio})
     vs.make_agent(l2, suite, 9, 2, True)
     assert l2.derived["l2_lambda_per_layer"]["critic2"] == pytest.approx(1.0 / (2 * 0.25**2))
+
+
+@pytest.mark.parametrize(("kind", "gain", "beta"), [("gym", 0.24, 1.0), ("metaworld", 0.12, 3.0)])
+def test_unset_gain_and_beta_take_the_suite_kinds_values_and_given_ones_stay(kind, gain, beta):
+    base = dict(residual="variational", estimator="flipout", rollout_weights="mean", eval_sample_weights=0,
+                l2_lambda=None, prior_scaling="fan-in", sigma_prior=None, sigma_prior_gain=None,
+                sigma_init_ratio=0.1, beta=None, hidden_sizes=(16,), residual_bias=False)
+    suite = types.SimpleNamespace(num_tasks=2, kind=kind)
+    args = types.SimpleNamespace(**base)
+    vs.make_agent(args, suite, 16, 2, True)
+    assert (args.sigma_prior_gain, args.beta) == (gain, beta)
+    assert args.derived["sigma_prior_per_layer"]["actor0"] == pytest.approx(gain / 4)  # fan-in 16
+    given = types.SimpleNamespace(**{**base, "sigma_prior_gain": 0.5, "beta": 0.0})
+    vs.make_agent(given, suite, 16, 2, True)
+    assert (given.sigma_prior_gain, given.beta) == (0.5, 0.0)
+    # L2Soft with its own lambda uses neither beta nor the prior: beta stays unset, not a made-up value
+    l2 = types.SimpleNamespace(**{**base, "residual": "l2", "l2_lambda": 2.0,
+                                  "sigma_init_ratio": vs.Args.sigma_init_ratio})
+    vs.make_agent(l2, suite, 16, 2, True)
+    assert l2.beta is None and set(l2.derived["l2_lambda_per_layer"].values()) == {2.0}
