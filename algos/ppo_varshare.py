@@ -101,7 +101,7 @@ from shared.params import count_parameters, per_task
 from shared.progress import Progress
 from shared.runlog import RunLogger
 from shared.suites import apply_suite_defaults, env_seed, make_suite, make_vector_env, select_tasks, space_dims
-from shared.transfer import init_from_base, load_shared, transfer_args
+from shared.transfer import base_run_args, init_from_base, load_shared, transfer_args
 from shared.weight_cache import WeightCacheMixin
 
 ALGO = "ppo_varshare"
@@ -781,7 +781,18 @@ def transfer_weights(args: Args, agent: Agent, base: dict) -> dict:
     """Leave-one-out transfer into this one-task agent (shared/transfer.py): the base run's shared
     theta and biases; the new task's residual starts at mu = 0 with sigma at its initial value (so
     the zero-shot policy is the shared theta), its log-std row at --init-logstd. Under --transfer task-params only
-    the new task's mu, rho (and residual biases) and log-std row train."""
+    the new task's mu, rho (and residual biases) and log-std row train. The base run's prior (beta
+    and each layer's prior std) must be this run's: the shared theta was trained under it, and the
+    new task's KL would otherwise pull toward another prior without a word."""
+    if args.residual == "variational":
+        base_args = base_run_args(args.init_from)
+        theirs = (base_args.get("beta"), base_args.get("sigma_prior_per_layer"))
+        mine = (args.beta, args.derived["sigma_prior_per_layer"])
+        if theirs[0] != mine[0] or theirs[1] is None or any(
+                not math.isclose(theirs[1].get(name, float("nan")), value) for name, value in mine[1].items()):
+            raise UsageError(f"--init-from {args.init_from}: that run's prior (beta {theirs[0]}, "
+                             f"sigma_prior_per_layer {theirs[1]}) differs from this run's (beta {mine[0]}, {mine[1]}); "
+                             f"pass the base run's --beta and --sigma-prior-gain (or --prior-scaling/--sigma-prior)")
     return load_shared(agent, base)
 
 

@@ -32,7 +32,7 @@ from shared.cli import UsageError
 from shared.params import is_per_task
 
 
-def _base_args(run_dir: str) -> dict:
+def base_run_args(run_dir: str) -> dict:
     path = os.path.join(run_dir, "args.json")
     if not os.path.isfile(path):
         raise UsageError(f"--init-from {run_dir}: no args.json there, so it is not a run directory")
@@ -61,7 +61,7 @@ def transfer_args(args, algo: str, transfer_weights):
     if args.holdout_task is not None:
         raise UsageError("--holdout-task is for the base run; a transfer run trains the held-out task itself "
                          "(--tasks, by default the base run's held-out task)")
-    base = _base_args(args.init_from)
+    base = base_run_args(args.init_from)
     if base.get("algo") != algo:
         raise UsageError(f"--init-from {args.init_from}: that run is {base.get('algo')}, not {algo}; transfer "
                          f"starts from a base run of the same method")

@@ -60,7 +60,8 @@ def checkpoint(run_dir) -> dict:
 def own_entries(name: str, base_dir, *extra: str) -> dict:
     """The new task's own entries of a transfer agent, from the script's own rule."""
     module = load_script(name)
-    args = tyro.cli(module.Args, args=["--env-id", SUITE, "--tasks", HELD_OUT, "--hidden-sizes", "16", *extra])
+    args = tyro.cli(module.Args, args=["--env-id", SUITE, "--tasks", HELD_OUT, "--hidden-sizes", "16",
+                                       "--init-from", str(base_dir), *extra])
     suite = make_suite(SUITE)
     apply_suite_defaults(args, suite)
     agent = module.make_agent(args, module.select_run_tasks(args, suite), 4, 2, True)  # CartPole: 4 obs, 2 actions
@@ -127,7 +128,7 @@ def test_softmod_can_start_the_new_embedding_row_at_the_mean_of_the_trained_rows
     base_dir = base_runs["ppo_softmod"]
     base = checkpoint(base_dir)["agent"]
     fresh, _ = own_entries("ppo_softmod", base_dir)
-    agent, own = own_entries("ppo_softmod", base_dir, "--init-from", str(base_dir), "--transfer-embedding", "mean")
+    agent, own = own_entries("ppo_softmod", base_dir, "--transfer-embedding", "mean")
     for net in ("actor", "critic"):
         key = f"{net}.task_weight"
         assert key in own
@@ -168,6 +169,14 @@ def test_refuses_another_method_suite_or_a_script_that_shares_nothing(base_runs,
                                        "--runs-dir", str(tmp_path)])
     assert result.returncode == 2 and "shares no parameters between tasks" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_varshare_transfer_under_another_prior_is_refused(base_runs, tmp_path):
+    base = str(base_runs["ppo_varshare"])
+    for flags in (["--beta", "2"], ["--sigma-prior-gain", "0.12"]):
+        with pytest.raises(UsageError, match="that run's prior .* differs from this run's"):
+            run("ppo_varshare", ["--env-id", SUITE, "--init-from", base, "--transfer", "finetune",
+                                 "--runs-dir", str(tmp_path), *flags])
 
 
 def test_a_base_of_another_width_is_refused_with_the_parameter_named(base_runs, tmp_path):
