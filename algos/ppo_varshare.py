@@ -781,18 +781,24 @@ def transfer_weights(args: Args, agent: Agent, base: dict) -> dict:
     """Leave-one-out transfer into this one-task agent (shared/transfer.py): the base run's shared
     theta and biases; the new task's residual starts at mu = 0 with sigma at its initial value (so
     the zero-shot policy is the shared theta), its log-std row at --init-logstd. Under --transfer task-params only
-    the new task's mu, rho (and residual biases) and log-std row train. The base run's prior (beta
-    and each layer's prior std) must be this run's: the shared theta was trained under it, and the
-    new task's KL would otherwise pull toward another prior without a word."""
-    if args.residual == "variational":
-        base_args = base_run_args(args.init_from)
-        theirs = (base_args.get("beta"), base_args.get("sigma_prior_per_layer"))
-        mine = (args.beta, args.derived["sigma_prior_per_layer"])
-        if theirs[0] != mine[0] or theirs[1] is None or any(
-                not math.isclose(theirs[1].get(name, float("nan")), value) for name, value in mine[1].items()):
-            raise UsageError(f"--init-from {args.init_from}: that run's prior (beta {theirs[0]}, "
-                             f"sigma_prior_per_layer {theirs[1]}) differs from this run's (beta {mine[0]}, {mine[1]}); "
-                             f"pass the base run's --beta and --sigma-prior-gain (or --prior-scaling/--sigma-prior)")
+    the new task's mu, rho (and residual biases) and log-std row train. The base run's regulariser
+    (residual kind; beta and each layer's prior std, or L2Soft's per-layer lambda) must be this run's:
+    the shared theta was trained under it, and the new task would otherwise be pulled toward
+    another one without a word."""
+    base_args = base_run_args(args.init_from)
+    if base_args.get("residual", "variational") != args.residual:
+        raise UsageError(f"--init-from {args.init_from}: that run has --residual {base_args.get('residual')}, this one "
+                         f"--residual {args.residual}; pass --residual {base_args.get('residual')}")
+    per_layer = "sigma_prior_per_layer" if args.residual == "variational" else "l2_lambda_per_layer"
+    theirs = (base_args.get("beta"), base_args.get(per_layer))
+    mine = (args.beta, args.derived[per_layer])
+    if args.residual == "l2":  # the per-layer lambda is all the penalty depends on
+        theirs, mine = (None, theirs[1]), (None, mine[1])
+    if theirs[0] != mine[0] or theirs[1] is None or any(
+            not math.isclose(theirs[1].get(name, float("nan")), value) for name, value in mine[1].items()):
+        raise UsageError(f"--init-from {args.init_from}: that run's prior (beta {theirs[0]}, {per_layer} "
+                         f"{theirs[1]}) differs from this run's (beta {mine[0]}, {mine[1]}); pass the base run's "
+                         f"--beta and --sigma-prior-gain (or --prior-scaling/--sigma-prior, --l2-lambda)")
     return load_shared(agent, base)
 
 

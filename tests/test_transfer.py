@@ -179,6 +179,26 @@ def test_a_varshare_transfer_under_another_prior_is_refused(base_runs, tmp_path)
                                  "--runs-dir", str(tmp_path), *flags])
 
 
+def test_a_transfer_with_another_residual_kind_or_l2_lambda_is_refused(base_runs, tmp_path):
+    base = base_runs["ppo_varshare"]
+    with pytest.raises(UsageError, match="that run has --residual variational, this one --residual l2"):
+        run("ppo_varshare", ["--env-id", SUITE, "--init-from", str(base), "--transfer", "finetune",
+                             "--runs-dir", str(tmp_path), "--residual", "l2"])
+    # an L2Soft base (its args.json, which is all the check reads) whose lambda was 5 on every layer
+    l2_base = tmp_path / "l2-base"
+    shutil.copytree(base, l2_base)
+    recorded = json.loads((l2_base / "args.json").read_text())
+    recorded.update(residual="l2", l2_lambda_per_layer={name: 5.0 for name in recorded["sigma_prior_per_layer"]})
+    (l2_base / "args.json").write_text(json.dumps(recorded))
+    with pytest.raises(UsageError, match="l2_lambda_per_layer"):
+        run("ppo_varshare", ["--env-id", SUITE, "--init-from", str(l2_base), "--transfer", "finetune",
+                             "--runs-dir", str(tmp_path / "runs"), "--residual", "l2"])
+    run("ppo_varshare", ["--env-id", SUITE, "--init-from", str(l2_base), "--transfer", "finetune",
+                         "--runs-dir", str(tmp_path / "runs"), "--residual", "l2", "--l2-lambda", "5",
+                         "--total-timesteps", str(TRANSFER_STEPS), "--eval-every", str(TRANSFER_STEPS),
+                         "--update-epochs", "1", "--eval-episodes", "1", "--final-eval-episodes", "1"])
+
+
 def test_a_base_of_another_width_is_refused_with_the_parameter_named(base_runs, tmp_path):
     # The width check of args.json can be passed by hand-editing; the tensors themselves are checked too.
     module = load_script("ppo_varshare")
