@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import random
@@ -766,7 +767,24 @@ def make_agent(args: Args, suite, obs_dim: int, act_dim: int, discrete: bool) ->
     if not variational:
         args.derived["l2_lambda_per_layer"] = {n: l2_layer_lambda(args, layer)
                                                for n, layer in zip(names, agent.layers(), strict=True)}
+    if getattr(args, "resume", None) is not None:
+        check_resumed_prior(args)
     return agent
+
+
+def check_resumed_prior(args: Args) -> None:
+    """--resume rebuilds the prior from the run's flags; a flag the run left unset takes today's
+    default, which may not be the one the run started with (VarShare's defaults moved once by suite
+    kind). The per-layer values args.json recorded are the run's own: refuse when they differ."""
+    with open(os.path.join(args.resume, "args.json")) as f:
+        recorded = json.load(f)
+    for key, values in args.derived.items():
+        theirs = recorded.get(key)
+        if theirs is not None and any(not math.isclose(theirs.get(name, float("nan")), value)
+                                      for name, value in values.items()):
+            raise UsageError(f"--resume {args.resume}: the run recorded {key} {theirs}, but its flags now give "
+                             f"{values} (a default changed since it started); set sigma_prior_gain and beta in its "
+                             f"args.json to the values it ran with, or start it afresh")
 
 
 def make_optimizer(args: Args, agent: Agent) -> torch.optim.Optimizer:

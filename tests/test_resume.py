@@ -141,3 +141,21 @@ def test_checkpoints_at_evaluations_and_every_checkpoint_every_seconds(tmp_path,
                             eval_episodes=1, final_eval_episodes=1, hidden_sizes=(8,), update_epochs=1,
                             checkpoint_every=every, runs_dir=str(tmp_path)))
     assert saved == [i * ITERATION for i in expected]
+
+
+def test_a_varshare_run_whose_recorded_prior_no_longer_matches_its_flags_is_not_resumed(tmp_path):
+    # A run recorded under an older default prior (here: args.json's per-layer values edited to
+    # another gain) must not continue under today's default without a word.
+    module = load_script("ppo_varshare")
+    runs = tmp_path / "runs"
+    args = module.Args(env_id="cartpole-mt", total_timesteps=2 * ITERATION, eval_every=2 * ITERATION,
+                       eval_episodes=1, final_eval_episodes=1, hidden_sizes=(16,), update_epochs=1,
+                       runs_dir=str(runs), cuda=False)
+    module.main(args)
+    (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
+    module.main(module.Args(resume=str(run_dir)))  # its own prior: resumes (nothing left to do but the final line)
+    recorded = json.loads((run_dir / "args.json").read_text())
+    recorded["sigma_prior_per_layer"] = {name: 2 * value for name, value in recorded["sigma_prior_per_layer"].items()}
+    (run_dir / "args.json").write_text(json.dumps(recorded))
+    with pytest.raises(UsageError, match="the run recorded sigma_prior_per_layer"):
+        module.main(module.Args(resume=str(run_dir)))
