@@ -24,6 +24,8 @@ lr1e-3|tune-ppo|1|ppo_mtl_embed.py --learning-rate 1e-3
 mb40|tune-ppo|1|ppo_mtl_embed.py --num-minibatches 40
 epochs5|tune-ppo|1|ppo_mtl_embed.py --update-epochs 5
 w400x3|tune-ppo|1|ppo_mtl_embed.py --hidden-sizes 400 400 400
+gamma0.995|tune-ppo|1|ppo_mtl_embed.py --gamma 0.995
+ent0.005|tune-ppo|1|ppo_mtl_embed.py --ent-coef 0.005
 defaults-s2|tune-ppo|2|ppo_mtl_embed.py
 learned|tune-ppo|1|ppo_mtl_embed.py --task-encoding learned
 learned-s2|tune-ppo|2|ppo_mtl_embed.py --task-encoding learned
