@@ -6,8 +6,11 @@ Each row names the run's method, its variant (``--run-name-suffix``), the flags 
 differs from the other runs of the same method and suite, its seed and env steps, then the
 tuning metrics: final mean success (the final evaluation: 50 episodes per task on Meta-World),
 the mean success over the run's periodic evaluations (area under the learning curve, scaled to
-[0, 1]), final success per task, wall time and the run directory (its ``args.json`` holds every
-value). Unfinished runs (no ``summary.json``) are listed with their last evaluation.
+[0, 1]), final success per task, the training return per task over the last fifth of the run
+(tensorboard's ``charts/<task>/episodic_return``: at a small budget it separates settings that
+final success, still 0 on the harder tasks, does not), wall time and the run directory (its
+``args.json`` holds every value). Unfinished runs (no ``summary.json``) are listed with their
+last evaluation.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 from collections import defaultdict
 
 import numpy as np
+from diagnostics_over_training import scalars
 
 # Flags that name, place, resume or speed up a run rather than configure what it learns.
 NOT_KNOBS = {"run_name", "run_name_suffix", "runs_dir", "seed", "track", "wandb_project_name", "wandb_entity",
@@ -36,7 +40,18 @@ def load(run_dir: str) -> dict:
     if os.path.exists(os.path.join(run_dir, "summary.json")):
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary = json.load(f)
-    return {"dir": run_dir, "args": args, "evals": evals, "summary": summary}
+    return {"dir": run_dir, "args": args, "evals": evals, "summary": summary,
+            "train_return": last_fifth_returns(run_dir)}
+
+
+def last_fifth_returns(run_dir: str) -> dict[str, float]:
+    """Mean training episodic return per task over the last fifth of the logged env steps."""
+    out = {}
+    for tag, (steps, values) in scalars(run_dir).items():
+        parts = tag.split("/")
+        if len(parts) == 3 and parts[0] == "charts" and parts[2] == "episodic_return" and steps.size:
+            out[parts[1]] = float(values[steps > 0.8 * steps.max()].mean())
+    return out
 
 
 def differing_flags(group: list[dict]) -> dict[str, set]:
@@ -51,8 +66,8 @@ def rows(runs: list[dict]) -> list[str]:
     for run in runs:
         groups[(run["args"]["env_id"], run["args"]["algo"])].append(run)
     lines = ["| suite | method | variant | differs in | seed | env steps | final success | mean success over "
-             "evaluations | final success per task | wall time (min) | run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "evaluations | final success per task | training return per task, last fifth | wall time (min) | run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (env_id, algo), group in sorted(groups.items()):
         knobs = sorted(differing_flags(group))
         for run in sorted(group, key=lambda r: (r["args"].get("run_name_suffix", ""), r["args"]["seed"])):
@@ -69,9 +84,10 @@ def rows(runs: list[dict]) -> list[str]:
                 per_task = ""
                 steps = f"{last['global_step']:,} of {args['total_timesteps']:,}" if last else "-"
                 wall = "-"
+            train = " ".join(f"{t}={v:.0f}" for t, v in run["train_return"].items()) or "-"
             flags = ", ".join(f"{k}={json.dumps(args.get(k))}" for k in knobs) or "-"
             lines.append(f"| {env_id} | {algo} | {args.get('run_name_suffix') or '-'} | {flags} | {args['seed']} "
-                         f"| {steps} | {final} | {curve} | {per_task} | {wall} | {os.path.basename(run['dir'])} |")
+                         f"| {steps} | {final} | {curve} | {per_task} | {train} | {wall} | {os.path.basename(run['dir'])} |")
     return lines
 
 

@@ -4,9 +4,11 @@ refused."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
+import sys
 
 import tyro
 
@@ -42,3 +44,34 @@ def test_an_unknown_run_is_refused_with_the_list_named():
     listing = subprocess.run(["bash", str(REPO / "benchmarks" / "mt3_tune.sh")], capture_output=True, text=True,
                              cwd=REPO, timeout=60)
     assert listing.returncode == 0 and "tune-varshare/g0.12-b3" in listing.stdout
+
+
+def test_tuning_table_reports_the_metrics_of_each_run(tmp_path):
+    """One finished run and one unfinished: the table shows the differing flag, final and mean
+    success, and the training return per task over the last fifth of the logged steps only."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name, lr, finished in (("a", 3e-4, True), ("b", 1e-3, False)):
+        run = tmp_path / name
+        run.mkdir()
+        args = {"env_id": "mt3-tune", "algo": "ppo_mtl_embed", "seed": 1, "learning_rate": lr,
+                "total_timesteps": 1000, "run_name_suffix": name}
+        (run / "args.json").write_text(json.dumps(args))
+        evals = [{"global_step": 500, "success_rate": 0.2, "final": False},
+                 {"global_step": 1000, "success_rate": 0.4, "final": False}]
+        (run / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+        if finished:
+            summary = {"final_success_rate": 0.5, "global_step": 1000, "wall_time_s": 120,
+                       "per_task": {"push-wall-v3": {"success_rate": 0.5}}}
+            (run / "summary.json").write_text(json.dumps(summary))
+        writer = SummaryWriter(str(run))
+        for step in range(100, 1001, 100):  # the last fifth is steps 900 and 1000
+            writer.add_scalar("charts/push-wall-v3/episodic_return", step / 10, step)
+        writer.close()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tuning_table.py"),
+                           str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    row_a, row_b = (line for line in proc.stdout.splitlines() if "| ppo_mtl_embed |" in line)
+    assert "learning_rate=0.0003" in row_a and "| 0.500 | 0.300 |" in row_a and "push-wall-v3=95 " in row_a
+    assert "| 2 |" in row_a  # wall time in minutes
+    assert "unfinished (last evaluation 0.400)" in row_b and "push-wall-v3=95 " in row_b
