@@ -87,7 +87,8 @@ def rows(runs: list[dict]) -> list[str]:
             train = " ".join(f"{t}={v:.0f}" for t, v in run["train_return"].items()) or "-"
             flags = ", ".join(f"{k}={json.dumps(args.get(k))}" for k in knobs) or "-"
             lines.append(f"| {env_id} | {algo} | {args.get('run_name_suffix') or '-'} | {flags} | {args['seed']} "
-                         f"| {steps} | {final} | {curve} | {per_task} | {train} | {wall} | {os.path.basename(run['dir'])} |")
+                         f"| {steps} | {final} | {curve} | {per_task} | {train} | {wall} "
+                         f"| {os.path.basename(run['dir'])} |")
     return lines
 
 
