@@ -54,10 +54,15 @@ def last_fifth_returns(run_dir: str) -> dict[str, float]:
     return out
 
 
+def flag_value(args: dict, key: str) -> str:
+    """A flag's value as the table prints it; "absent" for a run made before the flag existed."""
+    return json.dumps(args[key], sort_keys=True) if key in args else "absent"
+
+
 def differing_flags(group: list[dict]) -> dict[str, set]:
     """For runs of one method and suite: the flags whose values are not the same in all of them."""
     keys = set().union(*(run["args"] for run in group)) - NOT_KNOBS
-    values = {key: {json.dumps(run["args"].get(key), sort_keys=True) for run in group} for key in keys}
+    values = {key: {flag_value(run["args"], key) for run in group} for key in keys}
     return {key: v for key, v in values.items() if len(v) > 1}
 
 
@@ -85,7 +90,7 @@ def rows(runs: list[dict]) -> list[str]:
                 steps = f"{last['global_step']:,} of {args['total_timesteps']:,}" if last else "-"
                 wall = "-"
             train = " ".join(f"{t}={v:.0f}" for t, v in run["train_return"].items()) or "-"
-            flags = ", ".join(f"{k}={json.dumps(args.get(k))}" for k in knobs) or "-"
+            flags = ", ".join(f"{k}={flag_value(args, k)}" for k in knobs) or "-"
             lines.append(f"| {env_id} | {algo} | {args.get('run_name_suffix') or '-'} | {flags} | {args['seed']} "
                          f"| {steps} | {final} | {curve} | {per_task} | {train} | {wall} "
                          f"| {os.path.basename(run['dir'])} |")

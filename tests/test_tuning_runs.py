@@ -51,10 +51,10 @@ def test_tuning_table_reports_the_metrics_of_each_run(tmp_path):
     success, and the training return per task over the last fifth of the logged steps only."""
     from torch.utils.tensorboard import SummaryWriter
 
-    for name, lr, finished in (("a", 3e-4, True), ("b", 1e-3, False)):
+    for name, lr, finished, extra in (("a", 3e-4, True, {}), ("b", 1e-3, False, {"init_logstd": 0.0})):
         run = tmp_path / name
         run.mkdir()
-        args = {"env_id": "mt3-tune", "algo": "ppo_mtl_embed", "seed": 1, "learning_rate": lr,
+        args = {"env_id": "mt3-tune", "algo": "ppo_mtl_embed", "seed": 1, "learning_rate": lr, **extra,
                 "total_timesteps": 1000, "run_name_suffix": name}
         (run / "args.json").write_text(json.dumps(args))
         evals = [{"global_step": 500, "success_rate": 0.2, "final": False},
@@ -73,5 +73,5 @@ def test_tuning_table_reports_the_metrics_of_each_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     row_a, row_b = (line for line in proc.stdout.splitlines() if "| ppo_mtl_embed |" in line)
     assert "learning_rate=0.0003" in row_a and "| 0.500 | 0.300 |" in row_a and "push-wall-v3=95 " in row_a
-    assert "| 2 |" in row_a  # wall time in minutes
+    assert "| 2 |" in row_a and "init_logstd=absent" in row_a  # wall time in minutes; a flag the run predates
     assert "unfinished (last evaluation 0.400)" in row_b and "push-wall-v3=95 " in row_b
