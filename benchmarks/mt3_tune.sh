@@ -44,6 +44,8 @@ no-maskout|tune-paco|1|ppo_paco.py --no-maskout
 copies3|tune-paco|1|ppo_paco.py --num-copies 3
 copies10|tune-paco|1|ppo_paco.py --num-copies 10
 ratio20|tune-paco|1|ppo_paco.py --maskout-ratio 20
+ratio20-s2|tune-paco|2|ppo_paco.py --maskout-ratio 20
+ratio100-s2|tune-paco|2|ppo_paco.py --maskout-ratio 100
 L2-n2|tune-softmod|1|ppo_softmod.py --num-layers 2 --num-modules 2
 L2-n4|tune-softmod|1|ppo_softmod.py --num-layers 2 --num-modules 4
 L4-n2|tune-softmod|1|ppo_softmod.py --num-layers 4 --num-modules 2
