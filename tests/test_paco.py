@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ T, K, OBS, ACT, N = 4, 5, 3, 2, 16  # tasks, copies, obs dim, action dim, rows p
 
 
 def make_args(**overrides):
-    values = dict(max_grad_norm=0.5, learning_rate=1e-2, clip_coef=0.2, ent_coef=0.01, vf_coef=0.5)
+    """Args as make_agent leaves them on a toy suite: the maskout ratio resolved to 50 unless --no-maskout."""
+    values = dict(max_grad_norm=0.5, learning_rate=1e-2, clip_coef=0.2, ent_coef=0.01, vf_coef=0.5,
+                  maskout_ratio=50.0 if overrides.get("maskout", True) else None)
     values.update(overrides)
     return paco.Args(**values)
 
@@ -286,6 +289,22 @@ def test_no_maskout_flag_lets_every_task_contribute():
     losses = exploding(healthy_losses(args, agent, make_minibatch()), task=2)
     stats = step(args, agent, optimizer, losses)
     assert stats["paco/masked_fraction"].item() == 0.0 and agent.resets.sum().item() == 0
+
+
+@pytest.mark.parametrize(("kind", "ratio"), [("gym", 50.0), ("metaworld", 20.0)])
+def test_unset_maskout_ratio_takes_the_suite_kinds_value_and_a_given_one_stays(kind, ratio):
+    suite = types.SimpleNamespace(num_tasks=T, kind=kind)
+    unset = make_args(maskout_ratio=None, hidden_sizes=(8,))
+    paco.make_agent(unset, suite, OBS, ACT, discrete=False)
+    assert unset.maskout_ratio == ratio
+    given = make_args(maskout_ratio=7.0, hidden_sizes=(8,))
+    paco.make_agent(given, suite, OBS, ACT, discrete=False)
+    assert given.maskout_ratio == 7.0
+    # --no-maskout leaves the ratio unset, so args.json stays valid input for --resume
+    off = make_args(maskout=False, hidden_sizes=(8,))
+    paco.make_agent(off, suite, OBS, ACT, discrete=False)
+    assert off.maskout_ratio is None
+    paco.check_paco_args(off)
 
 
 # ---------------------------------------------------------------------------------------------
