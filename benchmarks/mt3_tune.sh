@@ -58,6 +58,8 @@ x0.3|tune-l2soft|1|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 
 x1|tune-l2soft|1|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 1
 x3|tune-l2soft|1|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 3
 x10|tune-l2soft|1|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 10
+x0.1-s2|tune-l2soft|2|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 0.1
+x3-s2|tune-l2soft|2|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 3
 EOF
 )
 
