@@ -10,8 +10,9 @@
 # Two invocations side by side use the two cores of the reference machine (one run per core).
 #
 # The rule for a method's own knobs: six settings at seed 1, then seed 2 of the best two (eight
-# runs per method, 1M steps each). L2Soft's lambda is swept as a multiple of the matched lambda
-# (beta / (2 sigma_prior^2) per layer, at gain 0.12): --beta is that multiple under --residual l2.
+# runs per method, 1M steps each). L2Soft's lambda is swept as a multiple of 1 / (2 sigma_prior^2)
+# per layer at gain 0.12: --beta is that multiple under --residual l2, so x3 (beta 3, VarShare's
+# Meta-World default) is the matched lambda.
 # PCGrad and the oracle have no knob of their own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
