@@ -53,6 +53,8 @@ L4-n2|tune-softmod|1|ppo_softmod.py --num-layers 4 --num-modules 2
 L4-n4|tune-softmod|1|ppo_softmod.py --num-layers 4 --num-modules 4
 L2-n2-d128|tune-softmod|1|ppo_softmod.py --num-layers 2 --num-modules 2 --module-width 128
 L4-n4-d128|tune-softmod|1|ppo_softmod.py --num-layers 4 --num-modules 4 --module-width 128
+L2-n4-s2|tune-softmod|2|ppo_softmod.py --num-layers 2 --num-modules 4
+L4-n4-s2|tune-softmod|2|ppo_softmod.py --num-layers 4 --num-modules 4
 x0.03|tune-l2soft|1|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 0.03
 x0.1|tune-l2soft|1|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 0.1
 x0.3|tune-l2soft|1|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 0.3
