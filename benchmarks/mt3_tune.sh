@@ -14,6 +14,8 @@
 # per layer at gain 0.12: --beta is that multiple under --residual l2, so x3 (beta 3, VarShare's
 # Meta-World default) is the matched lambda.
 # PCGrad and the oracle have no knob of their own.
+# Group tune-2m runs 2M steps (the benchmark's budget): VarShare's weight noise reaches its
+# equilibrium (sigma at the prior) only after about 1.5M steps, so a 1M run cannot show its cost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,6 +65,8 @@ x3|tune-l2soft|1|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 3
 x10|tune-l2soft|1|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 10
 x0.1-s2|tune-l2soft|2|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 0.1
 x3-s2|tune-l2soft|2|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 3
+varshare-g0.12-b3|tune-2m|1|ppo_varshare.py --sigma-prior-gain 0.12 --beta 3 --total-timesteps 2000000
+mtl-defaults|tune-2m|1|ppo_mtl_embed.py --total-timesteps 2000000
 EOF
 )
 
@@ -81,8 +85,11 @@ for key in "$@"; do
   fi
   IFS='|' read -r name group seed cmd <<<"$line"
   mkdir -p "runs/$group"
-  # shellcheck disable=SC2086  # cmd is a script and its flags, split on purpose
-  "$PY" algos/$cmd --env-id mt3-tune --seed "$seed" --total-timesteps 1000000 --eval-every 200000 \
-    --runs-dir "runs/$group" --run-name-suffix "$name" > "runs/$group/$name.log" 2>&1
+  script=${cmd%% *}
+  flags=${cmd#"$script"}
+  # The entry's flags come last, so that an entry may override the budget (tyro: the last value wins).
+  # shellcheck disable=SC2086  # flags are split on purpose
+  "$PY" algos/$script --env-id mt3-tune --seed "$seed" --total-timesteps 1000000 --eval-every 200000 \
+    --runs-dir "runs/$group" --run-name-suffix "$name" $flags > "runs/$group/$name.log" 2>&1
   echo "$key: done (runs/$group/$name.log)"
 done
