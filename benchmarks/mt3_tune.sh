@@ -7,6 +7,7 @@
 #   bash benchmarks/mt3_tune.sh tune-ppo/defaults tune-varshare/g0.12-b3-s2   # run these, in turn
 #   .venv/bin/python benchmarks/tuning_table.py runs/tune-*   # the table's evidence
 #
+# PYTHON and RUNS_ROOT (default .venv/bin/python and runs) override the interpreter and the runs folder.
 # Two invocations side by side use the two cores of the reference machine (one run per core).
 #
 # The rule for a method's own knobs: six settings at seed 1, then seed 2 of the best two (eight
@@ -77,6 +78,7 @@ if [ $# -eq 0 ]; then
 fi
 
 PY=${PYTHON:-.venv/bin/python}
+RUNS_ROOT=${RUNS_ROOT:-runs}
 for key in "$@"; do
   line=$(echo "$RUNS" | awk -F'|' -v k="$key" '$2 "/" $1 == k')
   if [ -z "$line" ]; then
@@ -84,12 +86,12 @@ for key in "$@"; do
     exit 2
   fi
   IFS='|' read -r name group seed cmd <<<"$line"
-  mkdir -p "runs/$group"
+  mkdir -p "$RUNS_ROOT/$group"
   script=${cmd%% *}
   flags=${cmd#"$script"}
   # The entry's flags come last, so that an entry may override the budget (tyro: the last value wins).
   # shellcheck disable=SC2086  # flags are split on purpose
   "$PY" algos/$script --env-id mt3-tune --seed "$seed" --total-timesteps 1000000 --eval-every 200000 \
-    --runs-dir "runs/$group" --run-name-suffix "$name" $flags > "runs/$group/$name.log" 2>&1
-  echo "$key: done (runs/$group/$name.log)"
+    --runs-dir "$RUNS_ROOT/$group" --run-name-suffix "$name" $flags > "$RUNS_ROOT/$group/$name.log" 2>&1
+  echo "$key: done ($RUNS_ROOT/$group/$name.log)"
 done

@@ -75,3 +75,24 @@ def test_tuning_table_reports_the_metrics_of_each_run(tmp_path):
     assert "learning_rate=0.0003" in row_a and "| 0.500 | 0.300 |" in row_a and "push-wall-v3=95 " in row_a
     assert "| 2 |" in row_a and "init_logstd=absent" in row_a  # wall time in minutes; a flag the run predates
     assert "unfinished (last evaluation 0.400)" in row_b and "push-wall-v3=95 " in row_b
+
+
+def test_an_entrys_own_flags_come_last_so_it_can_set_its_budget(tmp_path):
+    """The fixed budget (1M) comes first on the command line and an entry's flags after it, so the
+    tune-2m entries really run 2M steps (the last value of a repeated flag wins)."""
+    argv_file = tmp_path / "argv"
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" >> {argv_file}\necho END >> {argv_file}\n')
+    fake_python.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake_python), "RUNS_ROOT": str(tmp_path / "runs")}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "mt3_tune.sh"), "tune-2m/mtl-defaults",
+                           "tune-ppo/defaults"], capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls = argv_file.read_text().split("END\n")[:2]
+    budgets = []
+    for call in calls:
+        script, *flags = call.split()
+        args = tyro.cli(load_script(script.removeprefix("algos/").removesuffix(".py")).Args, args=flags)
+        assert args.env_id == "mt3-tune" and args.runs_dir.startswith(str(tmp_path / "runs"))
+        budgets.append(args.total_timesteps)
+    assert budgets == [2_000_000, 1_000_000]
