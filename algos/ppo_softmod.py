@@ -37,7 +37,8 @@ Decisions and deviations (placed in the paper's own equations; "[PPO]" = forced 
   of ``f`` whatever T is (a default linear init would shrink it by 1/sqrt(T)). The paper gives none
   of these.
 - Sizes (``--num-layers`` L, ``--num-modules`` n, ``--module-width`` d, ``--embedding-width`` D).
-  On mt10 the defaults are the paper's MT10 "Shallow" setting: L = 2, n = 2, d = 256, D = 400.
+  L x n is 2 x 2 on the toy suites and 4 x 4 on Meta-World, chosen on mt3-tune (README tuning
+  table; ``SUITE_KIND_DEFAULTS``). On mt10, d = 256 and D = 400, the paper's MT10 widths.
   Elsewhere d and D default to None = derived: D = d = the widest of ``--hidden-sizes`` (the
   shared-MTL MLP's width from the suite table), so that every hidden layer of SoftMod (the
   encoder's layers and each module) is as wide as the other methods' hidden layers: PROTOCOL
@@ -237,10 +238,12 @@ def action_logprob_entropy(head: torch.Tensor, logstd: torch.Tensor | None, acti
 
 @dataclass
 class Args(PPOArgs):
-    num_layers: int = 2
-    """L: layers of modules in the base network (at least 2: the task enters only through routing between layers)"""
-    num_modules: int = 2
-    """n: modules per layer (at least 2: a single module leaves nothing to route)"""
+    num_layers: Optional[int] = None
+    """L: layers of modules in the base network (at least 2: the task enters only through routing between
+    layers); default 2 on the toy suites, 4 on Meta-World (SUITE_KIND_DEFAULTS)"""
+    num_modules: Optional[int] = None
+    """n: modules per layer (at least 2: a single module leaves nothing to route); default 2 on the toy
+    suites, 4 on Meta-World (SUITE_KIND_DEFAULTS)"""
     module_width: Optional[int] = None
     """d: width of each module (default: 256 on mt10 as in the paper, else the widest of --hidden-sizes)"""
     embedding_width: Optional[int] = None
@@ -253,12 +256,22 @@ class Args(PPOArgs):
 
 OBS_NORM_PER_TASK = False  # one observation normaliser shared by all tasks
 
-# The paper's MT10 "Shallow" setting (L = 2, n = 2 are the flags' own defaults).
+# The paper's MT10 widths (its "Shallow" setting, D = 400, d = 256; L and n come from SUITE_KIND_DEFAULTS).
 PAPER_SIZES = {"mt10": dict(embedding_width=400, module_width=256)}
+
+# Layers and modules by kind of suite: 2 x 2 (the paper's MT10 "Shallow" shape) on the toy suites; on
+# Meta-World (mt3-tune, mt3, mt10, single tasks) the mt3-tune choice by the tuning rule (README tuning
+# table: of six shapes at seed 1, 2 x 4 and 4 x 4 led at 0.340; over two seeds 4 x 4 had the higher
+# final success), which is the paper's MT50 "Deep" shape.
+SUITE_KIND_DEFAULTS = {"gym": dict(num_layers=2, num_modules=2), "metaworld": dict(num_layers=4, num_modules=4)}
 
 
 def resolve_sizes(args: Args, suite) -> None:
-    """Refuse size flags that cannot work and fill the derived defaults of D and d."""
+    """Refuse size flags that cannot work and fill the defaults of L and n (by kind of suite) and the
+    derived defaults of D and d."""
+    for name, value in SUITE_KIND_DEFAULTS[getattr(suite, "kind", "gym")].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.num_layers < 2:
         raise UsageError(f"--num-layers {args.num_layers} leaves no routing between layers, so the network "
                          f"would ignore the task; use 2 or more")

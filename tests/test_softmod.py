@@ -191,6 +191,19 @@ def resolved(env_id: str, **flags) -> tuple[int, int]:
     return args.embedding_width, args.module_width
 
 
+def test_layers_and_modules_take_the_suite_kinds_default_and_a_given_value_stays():
+    def shape(env_id, **flags):
+        args = softmod.Args(env_id=env_id, **flags)
+        apply_suite_defaults(args, make_suite(env_id))
+        softmod.select_run_tasks(args, make_suite(env_id))
+        return args.num_layers, args.num_modules
+
+    assert shape("cartpole-mt") == (2, 2)
+    assert shape("mt3-tune") == shape("mt10") == (4, 4)
+    assert shape("mt10", num_layers=2, num_modules=2) == (2, 2)
+    assert shape("cartpole-mt", num_modules=3) == (2, 3)
+
+
 def test_sizes_follow_the_paper_on_mt10_and_the_suite_width_elsewhere():
     assert resolved("mt10") == (400, 256)
     assert resolved("mt10", module_width=128) == (400, 128)
