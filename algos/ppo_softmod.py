@@ -38,7 +38,8 @@ Decisions and deviations (placed in the paper's own equations; "[PPO]" = forced 
   of these.
 - Sizes (``--num-layers`` L, ``--num-modules`` n, ``--module-width`` d, ``--embedding-width`` D).
   L x n is 2 x 2 on the toy suites and 4 x 4 on Meta-World, chosen on mt3-tune (README tuning
-  table; ``SUITE_KIND_DEFAULTS``). On mt10, d = 256 and D = 400, the paper's MT10 widths.
+  table; ``SUITE_KIND_DEFAULTS``); a transfer run (``--init-from``) takes L and n from its base
+  run unless given. On mt10, d = 256 and D = 400, the paper's MT10 widths.
   Elsewhere d and D default to None = derived: D = d = the widest of ``--hidden-sizes`` (the
   shared-MTL MLP's width from the suite table), so that every hidden layer of SoftMod (the
   encoder's layers and each module) is as wide as the other methods' hidden layers: PROTOCOL
@@ -107,7 +108,7 @@ from shared.suites import (
     select_tasks,
     space_dims,
 )
-from shared.transfer import check_shape, init_from_base, load_shared, transfer_args
+from shared.transfer import base_run_args, check_shape, init_from_base, load_shared, transfer_args
 
 ALGO = "ppo_softmod"
 
@@ -414,6 +415,11 @@ def make_optimizer(args: Args, agent: Agent) -> torch.optim.Optimizer:
 
 def select_run_tasks(args: Args, suite):
     # The first hook after the suite defaults are in args: check and derive the sizes before any env exists.
+    if args.init_from is not None:  # a transfer run keeps the base run's shape unless given (as --hidden-sizes)
+        base = base_run_args(args.init_from)
+        for name in SUITE_KIND_DEFAULTS["gym"]:
+            if getattr(args, name) is None and base.get(name) is not None:
+                setattr(args, name, base[name])
     resolve_sizes(args, suite)
     if args.transfer_embedding != "fresh" and args.init_from is None:
         raise UsageError("--transfer-embedding says where a transfer run's new embedding row starts; it needs "

@@ -204,6 +204,23 @@ def test_layers_and_modules_take_the_suite_kinds_default_and_a_given_value_stays
     assert shape("cartpole-mt", num_modules=3) == (2, 3)
 
 
+def test_a_transfer_run_keeps_the_base_runs_layers_and_modules_unless_given(tmp_path):
+    """A base run made at 2 x 2 on Meta-World (before 4 x 4 became the default there, or by flag)
+    transfers at 2 x 2 without repeating the flags; a given value is kept (and a mismatch is then
+    refused when the weights load)."""
+    (tmp_path / "args.json").write_text(json.dumps({"algo": "ppo_softmod", "env_id": "mt3-tune",
+                                                    "num_layers": 2, "num_modules": 2}))
+
+    def shape(**flags):
+        args = softmod.Args(env_id="mt3-tune", init_from=str(tmp_path), tasks=["push-wall-v3"], **flags)
+        apply_suite_defaults(args, make_suite("mt3-tune"))
+        softmod.select_run_tasks(args, make_suite("mt3-tune"))
+        return args.num_layers, args.num_modules
+
+    assert shape() == (2, 2)
+    assert shape(num_modules=4) == (2, 4)
+
+
 def test_sizes_follow_the_paper_on_mt10_and_the_suite_width_elsewhere():
     assert resolved("mt10") == (400, 256)
     assert resolved("mt10", module_width=128) == (400, 128)
