@@ -17,6 +17,8 @@
 # PCGrad and the oracle have no knob of their own.
 # Group tune-2m runs 2M steps (the benchmark's budget): VarShare's weight noise reaches its
 # equilibrium (sigma at the prior) only after about 1.5M steps, so a 1M run cannot show its cost.
+# VarShare's gain and beta are chosen again there, together: four settings at seed 1, then seed 2
+# of the best two, with the clip fraction at most 1.5x shared MTL's (mtl-defaults) as a constraint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,6 +70,10 @@ x0.1-s2|tune-l2soft|2|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --be
 x3-s2|tune-l2soft|2|ppo_varshare.py --residual l2 --sigma-prior-gain 0.12 --beta 3
 varshare-g0.12-b3|tune-2m|1|ppo_varshare.py --sigma-prior-gain 0.12 --beta 3 --total-timesteps 2000000
 mtl-defaults|tune-2m|1|ppo_mtl_embed.py --total-timesteps 2000000
+varshare-g0.06-b1|tune-2m|1|ppo_varshare.py --sigma-prior-gain 0.06 --beta 1 --total-timesteps 2000000
+varshare-g0.03-b0.3|tune-2m|1|ppo_varshare.py --sigma-prior-gain 0.03 --beta 0.3 --total-timesteps 2000000
+varshare-g0.06-b0.3|tune-2m|1|ppo_varshare.py --sigma-prior-gain 0.06 --beta 0.3 --total-timesteps 2000000
+varshare-g0.03-b0.1|tune-2m|1|ppo_varshare.py --sigma-prior-gain 0.03 --beta 0.1 --total-timesteps 2000000
 EOF
 )
 
