@@ -76,6 +76,8 @@ varshare-g0.06-b1|tune-2m|1|ppo_varshare.py --sigma-prior-gain 0.06 --beta 1 --t
 varshare-g0.03-b0.3|tune-2m|1|ppo_varshare.py --sigma-prior-gain 0.03 --beta 0.3 --total-timesteps 2000000
 varshare-g0.06-b0.3|tune-2m|1|ppo_varshare.py --sigma-prior-gain 0.06 --beta 0.3 --total-timesteps 2000000
 varshare-g0.03-b0.03|tune-2m|1|ppo_varshare.py --sigma-prior-gain 0.03 --beta 0.03 --total-timesteps 2000000
+varshare-g0.03-b0.3-s2|tune-2m|2|ppo_varshare.py --sigma-prior-gain 0.03 --beta 0.3 --total-timesteps 2000000
+varshare-g0.03-b0.03-s2|tune-2m|2|ppo_varshare.py --sigma-prior-gain 0.03 --beta 0.03 --total-timesteps 2000000
 EOF
 )
 
