@@ -12,8 +12,11 @@ Rows: one per method script, plus the rows the study adds (PROTOCOL section 5):
 - ``l2soft``: VarShare's deterministic ablation at the matched penalty (ppo_varshare
   ``--residual l2``), suffix ``l2soft``, which the report lists after VarShare.
 VarShare's other ablation rows are not in ``--methods all`` (the quick matrix would grow by half);
-``--ablations`` adds them together with ``l2soft``, and ``--methods`` takes them by name. Each is
-ppo_varshare with one flag and a run-name suffix of the row's name:
+``--ablations`` adds them together with ``l2soft``, and ``--methods`` takes them by name:
+- ``l2soft-tuned``: L2Soft at the lambda tuned on ``mt3-tune`` (``L2SOFT_TUNED`` in
+  ppo_varshare.py), on the suites of a kind that has one (Meta-World); a toy suite has no tuned
+  lambda, so the row is left out there with a notice.
+The others are ppo_varshare with one flag and a run-name suffix of the row's name:
 - ``beta0``: ``--beta 0`` (no KL: the residuals are free);
 - ``reparam``: ``--estimator reparam`` (one weight sample per task per minibatch instead of Flipout);
 - ``episode``: ``--rollout-weights episode`` (acting with a weight sample per episode, not the mean).
@@ -100,11 +103,12 @@ ROW_NAMES = ("ppo_single", "ppo_mtl_embed", "wide", "ppo_varshare", "l2soft", "p
 # VarShare's ablation rows outside --methods all: --ablations adds them (and l2soft), after l2soft.
 ABLATIONS = {"beta0": ("--beta", "0"), "reparam": ("--estimator", "reparam"),
              "episode": ("--rollout-weights", "episode")}
-ALL_ROWS = (*ROW_NAMES[:ROW_NAMES.index("l2soft") + 1], *ABLATIONS, *ROW_NAMES[ROW_NAMES.index("l2soft") + 1:])
+ALL_ROWS = (*ROW_NAMES[:ROW_NAMES.index("l2soft") + 1], "l2soft-tuned", *ABLATIONS,
+            *ROW_NAMES[ROW_NAMES.index("l2soft") + 1:])
 # Relative cost of a run per row (from the README's toy timings; the wide row's update is the
 # largest). Local workers take the costliest jobs first, so that the last ones to start are short.
 ROW_COST = {"wide": 3.0, "ppo_softmod": 2.0, "ppo_pcgrad": 1.6, "ppo_varshare": 1.3, "ppo_mtl_embed": 1.0,
-            "l2soft": 0.9, "ppo_single": 0.8, "ppo_paco": 0.7, "beta0": 1.3, "reparam": 0.9, "episode": 1.3}
+            "l2soft": 0.9, "l2soft-tuned": 0.9, "ppo_single": 0.8, "ppo_paco": 0.7, "beta0": 1.3, "reparam": 0.9, "episode": 1.3}
 # Leave-one-out: the scripts with a base run and transfer runs (they share parameters between
 # tasks), and the regimes of each held-out task; ppo_single has the scratch regime only.
 LOO_SCRIPTS = ("ppo_mtl_embed", "ppo_varshare", "ppo_paco", "ppo_softmod", "ppo_pcgrad")
@@ -112,7 +116,7 @@ REGIMES = ("base", "scratch", "finetune", "task-params")
 # Flags the matrix sets itself: giving them after -- would make every job of a row the same run.
 OWNED_FLAGS = {"--env-id": "--suites", "--seed": "--seeds", "--total-timesteps": "--budget",
                "--runs-dir": "--runs-dir", "--resume": "a rerun (it resumes by itself)",
-               "--run-name-suffix": "the row (wide, l2soft, beta0, reparam, episode)",
+               "--run-name-suffix": "the row (wide, l2soft, l2soft-tuned, beta0, reparam, episode)",
                "--init-from": "--loo", "--transfer": "--loo"}
 # ... and these too when --loo is given (they define a leave-one-out job's tasks).
 LOO_OWNED_FLAGS = {"--tasks": "--loo", "--holdout-task": "--loo"}
@@ -209,13 +213,13 @@ def canonical_row(name: str) -> str:
 
 
 def parse_methods(names: list[str], ablations: bool = False) -> list[str]:
-    """The rows, in ALL_ROWS order, once each; ``ablations`` adds l2soft and the ABLATIONS rows."""
+    """The rows, in ALL_ROWS order, once each; ``ablations`` adds l2soft, l2soft-tuned and the ABLATIONS rows."""
     if not names or names == ["all"]:
         wanted = set(ROW_NAMES)
     else:
         wanted = {canonical_row(n) for name in names for n in name.split(",") if n}
     if ablations:
-        wanted |= {"l2soft", *ABLATIONS}
+        wanted |= {"l2soft", "l2soft-tuned", *ABLATIONS}
     return [name for name in ALL_ROWS if name in wanted]
 
 
@@ -318,6 +322,17 @@ def suite_rows(suite: str, names: list[str], flags: tuple[str, ...]) -> list[Row
             rows.append(wide_row(suite, flags))
         elif name == "l2soft":
             rows.append(Row("l2soft", "ppo_varshare", "l2soft", ("--residual", "l2")))
+        elif name == "l2soft-tuned":
+            from shared.scripts import load_script
+            from shared.suites import make_suite
+
+            kind = make_suite(suite).kind
+            tuned = load_script("ppo_varshare").L2SOFT_TUNED.get(kind)
+            if tuned is None:
+                print(f"l2soft-tuned: {suite} is a {kind} suite, which has no tuned L2Soft lambda (its L2Soft row "
+                      f"is the matched one); the row is left out there", file=sys.stderr)
+                continue
+            rows.append(Row("l2soft-tuned", "ppo_varshare", "l2soft-tuned", ("--residual", "l2", *tuned)))
         elif name in ABLATIONS:
             rows.append(Row(name, "ppo_varshare", name, ABLATIONS[name]))
         else:
@@ -993,9 +1008,10 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{QUICK.budget:,} steps)")
     parser.add_argument("--methods", "--method", nargs="+", default=["all"],
                         help=f"rows: {' '.join(ALL_ROWS)} (ppo_ may be left out), or all (every row but "
-                             f"{', '.join(ABLATIONS)})")
+                             f"l2soft-tuned, {', '.join(ABLATIONS)})")
     parser.add_argument("--ablations", action="store_true",
-                        help=f"add VarShare's ablation rows: l2soft and {', '.join(ABLATIONS)} (ppo_varshare with "
+                        help=f"add VarShare's ablation rows: l2soft, l2soft-tuned (Meta-World suites) and "
+                             f"{', '.join(ABLATIONS)} (ppo_varshare with "
                              + ", ".join(f"{' '.join(flags)}" for flags in ABLATIONS.values()) + ")")
     parser.add_argument("--seeds", default=QUICK.seeds, help="seeds, e.g. 1-5, 1,3 or 1-3,7")
     parser.add_argument("--budget", default=None,

@@ -10,10 +10,10 @@ own. Conventions:
 
 - VarShare, the reference row, is ``ppo_varshare`` with ``--residual variational``, none of the
   ablation settings below and no suffix. ``--residual l2`` is shown as L2Soft (a suffix ``l2soft``
-  adds nothing; another suffix is kept) and listed right after VarShare, as are the other ablations,
-  each named from args.json whatever its suffix (a suffix equal to the matrix row's name adds
-  nothing): ``--beta 0`` is "beta=0", ``--estimator reparam`` "reparam estimator",
-  ``--rollout-weights episode`` "episode weights". The ablation section sets each beside VarShare.
+  adds nothing, ``l2soft-tuned`` reads "L2Soft tuned"; another suffix is kept) and listed right
+  after VarShare, as are the other ablations, each named from args.json whatever its suffix (a
+  suffix equal to the matrix row's name adds nothing): ``--beta 0`` is "beta=0", ``--estimator
+  reparam`` "reparam estimator", ``--rollout-weights episode`` "episode weights". The ablation section sets each beside VarShare.
 - The capacity-matched row is a shared-MTL run (``ppo_mtl_embed``) whose ``--run-name-suffix``
   contains ``wide`` (for example ``wide``; ``python -m shared.capacity`` gives the width); it is
   listed right after shared MTL.
@@ -201,6 +201,7 @@ ABLATIONS = (("beta0", "beta=0", "--beta 0 (no KL: free residuals)"),
              ("reparam", "reparam estimator", "--estimator reparam (one weight sample per task and minibatch)"),
              ("episode", "episode weights", "--rollout-weights episode (acting with a weight sample per episode)"))
 L2SOFT_CHANGE = "--residual l2 (deterministic residuals, L2 penalty at the matched weight)"
+L2SOFT_TUNED_CHANGE = "--residual l2 at the lambda tuned on mt3-tune (the matrix's l2soft-tuned row)"
 
 
 def varshare_ablations(args: dict) -> list[tuple[str, str, str]]:
@@ -215,6 +216,8 @@ def varshare_ablations(args: dict) -> list[tuple[str, str, str]]:
 def variant_of(args: dict) -> str:
     suffix = args.get("run_name_suffix") or ""
     if args.get("algo") == "ppo_varshare" and args.get("residual") == "l2":
+        if suffix.lower() == "l2soft-tuned":
+            return "L2Soft tuned"
         return "L2Soft" if suffix.lower() in ("", "l2soft") else f"L2Soft {suffix}"
     ablations = varshare_ablations(args)
     if ablations:
@@ -229,6 +232,8 @@ def ablation_change(method: str, variant: str) -> str | None:
         return None
     if variant == "L2Soft":
         return L2SOFT_CHANGE
+    if variant == "L2Soft tuned":
+        return L2SOFT_TUNED_CHANGE
     changes = {label: change for _, label, change in ABLATIONS}
     parts = variant.split(" + ")
     return "; ".join(changes[p] for p in parts) if all(p in changes for p in parts) else None

@@ -298,10 +298,10 @@ LOO_FLAGS = ["--hidden-sizes", "16", "--update-epochs", "1", "--eval-episodes", 
 def test_ablation_rows_are_varshare_with_one_flag_and_not_in_the_default_set(tmp_path):
     assert matrix.parse_methods(["all"]) == list(matrix.ROW_NAMES)  # the quick matrix does not grow
     assert matrix.parse_methods(["all"], ablations=True) == [
-        "ppo_single", "ppo_mtl_embed", "wide", "ppo_varshare", "l2soft", "beta0", "reparam", "episode", "ppo_paco",
-        "ppo_softmod", "ppo_pcgrad"]
-    assert matrix.parse_methods(["varshare"], ablations=True) == ["ppo_varshare", "l2soft", "beta0", "reparam",
-                                                                  "episode"]
+        "ppo_single", "ppo_mtl_embed", "wide", "ppo_varshare", "l2soft", "l2soft-tuned", "beta0", "reparam",
+        "episode", "ppo_paco", "ppo_softmod", "ppo_pcgrad"]
+    assert matrix.parse_methods(["varshare"], ablations=True) == ["ppo_varshare", "l2soft", "l2soft-tuned", "beta0",
+                                                                  "reparam", "episode"]
     proc = run_matrix("--suites", "cartpole-mt", "--methods", "beta0", "reparam", "episode", "--seeds", "1",
                       "--budget", "5000", "--runs-dir", str(tmp_path), "--dry-run")
     assert proc.returncode == 0, proc.stderr
@@ -310,6 +310,17 @@ def test_ablation_rows_are_varshare_with_one_flag_and_not_in_the_default_set(tmp
         f"--run-name-suffix {name} --runs-dir {tmp_path}/cartpole-mt/{name}/seed1"
         for name, flags in (("beta0", "--beta 0"), ("reparam", "--estimator reparam"),
                             ("episode", "--rollout-weights episode"))]
+
+
+def test_tuned_l2soft_row_carries_the_meta_world_lambda_and_is_left_out_on_toy_suites(tmp_path):
+    proc = run_matrix("--suites", "mt3", "cartpole-mt", "--methods", "l2soft", "l2soft-tuned", "--seeds", "1",
+                      "--budget", "5000", "--runs-dir", str(tmp_path), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    flags = {line.split("--run-name-suffix ")[1].split()[0] + "@" + line.split("--env-id ")[1].split()[0]:
+             line.split("--total-timesteps 5000 ")[1].split(" --run-name-suffix")[0] for line in proc.stdout.splitlines()}
+    assert flags == {"l2soft@mt3": "--residual l2", "l2soft@cartpole-mt": "--residual l2",
+                     "l2soft-tuned@mt3": "--residual l2 --sigma-prior-gain 0.12 --beta 3"}
+    assert "cartpole-mt is a gym suite, which has no tuned L2Soft lambda" in proc.stderr
 
 
 def test_loo_plans_a_base_and_three_regimes_per_task_method_and_seed(tmp_path):

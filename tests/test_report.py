@@ -382,6 +382,8 @@ def loo_built(tmp_path_factory):
     for seed in (1, 2):
         write_loo_run(root, f"main/l2soft/{seed}", "ppo_varshare", seed, MT3, [0.5] * 3, residual="l2",
                       run_name_suffix="l2soft")
+        write_loo_run(root, f"main/l2soft-tuned/{seed}", "ppo_varshare", seed, MT3, [0.5] * 3, residual="l2",
+                      beta=3.0, run_name_suffix="l2soft-tuned")
         write_loo_run(root, f"main/beta0/{seed}", "ppo_varshare", seed, MT3, [0.3] * 3, residual="variational",
                       beta=0.0, run_name_suffix="beta0")
         write_loo_run(root, f"main/reparam/{seed}", "ppo_varshare", seed, MT3, [0.5] * 3, residual="variational",
@@ -459,18 +461,20 @@ def test_ablation_rows_follow_varshare_and_have_their_section(loo_built):
     _, _, text = loo_built
     order = [line.split("|")[1].strip() for line in section(text, "mt3").split("Per task")[0].splitlines()
              if line.startswith("| ")][1:]
-    assert order == ["VarShare", "L2Soft", "VarShare beta=0", "VarShare episode weights",
+    assert order == ["VarShare", "L2Soft", "L2Soft tuned", "VarShare beta=0", "VarShare episode weights",
                      "VarShare reparam estimator"]
     ablations = section(text, "VarShare's ablations")
     assert table_row(ablations, "VarShare")[5] == "(reference)"
     # P(VarShare > row) per task (VarShare: reach 0.9/0.8/1.0, push 0.5/0.6/0.4, pick-place 0.1/0.2/0.0), mean of 3:
     # beta=0 (0.3 each; 3 runs, one by hand without suffix): 1, 1, 0; L2Soft and reparam (0.5): 1, 1/2, 0;
     # episode weights (1.0): 1/6 (reach: VarShare's 1.0 ties both runs' 1.0), 0, 0
-    for label, runs, score, improvement in (("L2Soft", "2", "0.500", 0.5), ("VarShare beta=0", "3", "0.300", 2 / 3),
+    for label, runs, score, improvement in (("L2Soft", "2", "0.500", 0.5), ("L2Soft tuned", "2", "0.500", 0.5),
+                                            ("VarShare beta=0", "3", "0.300", 2 / 3),
                                             ("VarShare reparam estimator", "2", "0.500", 0.5),
                                             ("VarShare episode weights", "2", "1.000", 1 / 18)):
         cells = table_row(ablations, label)
-        assert cells[1].startswith({"L2Soft": "--residual l2", "VarShare beta=0": "--beta 0",
+        assert cells[1].startswith({"L2Soft": "--residual l2 (", "L2Soft tuned": "--residual l2 at the lambda tuned",
+                                    "VarShare beta=0": "--beta 0",
                                     "VarShare reparam estimator": "--estimator reparam",
                                     "VarShare episode weights": "--rollout-weights episode"}[label])
         assert cells[3] == runs and cells[4].startswith(score)
