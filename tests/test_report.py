@@ -448,7 +448,7 @@ def test_leave_one_out_runs_stay_out_of_the_suite_tables(loo_built):
     assert "## mt3 (tasks reach-v3)" in text  # a one-task run that no base held out: as before
     runs = report.find_runs(str(root))
     regimes = Counter(run.regime for run in runs)
-    assert regimes == {"": 3 + 4 * 2 + 1 + 1, "base": 2, "finetune": 4 + 2, "task-params": 2, "scratch": 4}
+    assert regimes == {"": 3 + 5 * 2 + 1 + 1, "base": 2, "finetune": 4 + 2, "task-params": 2, "scratch": 4}
     left_out = section(text, "Not averaged in")
     assert table_row(left_out, "loo/finetune-long")[2:] == [
         "VarShare, finetune", "9", f"budget 2,000 env steps, not the 1,000 of most mt3 scratch and transfer runs "
