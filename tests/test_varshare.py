@@ -529,7 +529,7 @@ def test_make_agent_records_per_layer_priors_and_refuses_mixed_scalings():
     assert l2.derived["l2_lambda_per_layer"]["critic2"] == pytest.approx(1.0 / (2 * 0.25**2))
 
 
-@pytest.mark.parametrize(("kind", "gain", "beta"), [("gym", 0.24, 1.0), ("metaworld", 0.12, 3.0)])
+@pytest.mark.parametrize(("kind", "gain", "beta"), [("gym", 0.24, 1.0), ("metaworld", 0.03, 0.3)])
 def test_unset_gain_and_beta_take_the_suite_kinds_values_and_given_ones_stay(kind, gain, beta):
     base = dict(residual="variational", estimator="flipout", rollout_weights="mean", eval_sample_weights=0,
                 l2_lambda=None, prior_scaling="fan-in", sigma_prior=None, sigma_prior_gain=None,
