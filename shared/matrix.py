@@ -377,9 +377,11 @@ def loo_jobs(suite: str, tasks: list[str], names: list[str], seeds: list[int], b
 
 
 def plan(suites: list[str], names: list[str], seeds: list[int], budget: int | None, flags: tuple[str, ...],
-         runs_dir: str, loo: list[str] | None = None, loo_budget: int | None = None) -> list[Job]:
+         runs_dir: str, loo: list[str] | None = None, loo_budget: int | None = None,
+         loo_only: bool = False) -> list[Job]:
     """The matrix's jobs: suites x rows x seeds, then with ``loo`` (task names, or ["all"]) the
-    leave-one-out jobs of each suite (``loo_jobs``) at ``loo_budget`` (default: the budget / T)."""
+    leave-one-out jobs of each suite (``loo_jobs``) at ``loo_budget`` (default: the budget / T);
+    ``loo_only`` leaves out the suites' own rows (a transfer study at its own budget)."""
     for suite in suites:
         check_suite(suite)
     check_flags(list(flags), loo=bool(loo))
@@ -395,7 +397,7 @@ def plan(suites: list[str], names: list[str], seeds: list[int], budget: int | No
         for script in sorted({row.script for row in rows} if flags else ()):
             parse_script_args(script, suite, flags)
         steps = budget if budget is not None else suite_budget(suite)
-        for row in rows:
+        for row in rows if not loo_only else ():
             for seed in seeds:
                 folder = os.path.join(root, suite, row.name, f"seed{seed}")
                 jobs.append(Job(suite, row, seed, steps, flags, folder))
@@ -1024,6 +1026,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loo-budget", default=None,
                         help="env steps of each scratch, finetune and task-params run (default: the budget / the "
                              "suite's number of tasks, one task's share of the multi-task run)")
+    parser.add_argument("--loo-only", action="store_true",
+                        help="with --loo: only the leave-one-out jobs (base and transfer runs), not the suites' own "
+                             "rows, e.g. for a transfer study at a budget of its own")
     parser.add_argument("--runs-dir", default=None,
                         help=f"where the job folders go (default: {QUICK.runs_dir} for the quick matrix, "
                              f"{os.path.join('runs', 'matrix')} with --suites)")
@@ -1106,10 +1111,12 @@ def run_matrix(opts, flags: tuple[str, ...]) -> int:
     budget = parse_budget(opts.budget) if opts.budget is not None else (QUICK.budget if quick else None)
     if opts.loo_budget is not None and not opts.loo:
         raise UsageError("--loo-budget sets the leave-one-out runs' budget; give --loo TASK (or --loo all) with it")
+    if opts.loo_only and not opts.loo:
+        raise UsageError("--loo-only runs the leave-one-out jobs alone; give --loo TASK (or --loo all) with it")
     loo_budget = parse_budget(opts.loo_budget, "--loo-budget") if opts.loo_budget is not None else None
     all_flags = (QUICK.flags if quick else ()) + flags
     jobs = plan(suites, parse_methods(opts.methods, opts.ablations), parse_seeds(opts.seeds), budget, all_flags,
-                runs_dir, loo=opts.loo, loo_budget=loo_budget)
+                runs_dir, loo=opts.loo, loo_budget=loo_budget, loo_only=opts.loo_only)
     for job in jobs:
         check_same_command(job)
     if opts.status:

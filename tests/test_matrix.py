@@ -372,6 +372,13 @@ def test_loo_dry_run_shows_each_command_and_what_it_waits_for(tmp_path):
         *[f"{start} 1024 {' '.join(LOO_FLAGS)} --init-from {loo}/base/seed1 --transfer {regime} --runs-dir "
           f"{loo}/{regime}/seed1  # after {LOO_SUITE}/loo-{HELD_OUT}/ppo_varshare/base/seed1: --init-from is its run "
           f"directory" for regime in ("finetune", "task-params")]]
+    only = run_matrix("--suites", LOO_SUITE, "--methods", "varshare", "--seeds", "1", "--budget", "4096",
+                      "--loo-budget", "1024", "--loo", HELD_OUT, "--loo-only", "--runs-dir", str(tmp_path),
+                      "--dry-run", "--", *LOO_FLAGS)
+    assert only.returncode == 0, only.stderr
+    assert only.stdout.splitlines() == proc.stdout.splitlines()[1:]  # the suite's own row left out
+    alone = run_matrix("--suites", LOO_SUITE, "--loo-only", "--runs-dir", str(tmp_path), "--dry-run")
+    assert alone.returncode == 2 and "--loo-only runs the leave-one-out jobs alone; give --loo" in alone.stderr
 
 
 def test_loo_bad_input_gets_one_sentence(capsys):
