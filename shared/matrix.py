@@ -108,7 +108,8 @@ ALL_ROWS = (*ROW_NAMES[:ROW_NAMES.index("l2soft") + 1], "l2soft-tuned", *ABLATIO
 # Relative cost of a run per row (from the README's toy timings; the wide row's update is the
 # largest). Local workers take the costliest jobs first, so that the last ones to start are short.
 ROW_COST = {"wide": 3.0, "ppo_softmod": 2.0, "ppo_pcgrad": 1.6, "ppo_varshare": 1.3, "ppo_mtl_embed": 1.0,
-            "l2soft": 0.9, "l2soft-tuned": 0.9, "ppo_single": 0.8, "ppo_paco": 0.7, "beta0": 1.3, "reparam": 0.9, "episode": 1.3}
+            "l2soft": 0.9, "l2soft-tuned": 0.9, "ppo_single": 0.8, "ppo_paco": 0.7, "beta0": 1.3, "reparam": 0.9,
+            "episode": 1.3}
 # Leave-one-out: the scripts with a base run and transfer runs (they share parameters between
 # tasks), and the regimes of each held-out task; ppo_single has the scratch regime only.
 LOO_SCRIPTS = ("ppo_mtl_embed", "ppo_varshare", "ppo_paco", "ppo_softmod", "ppo_pcgrad")

@@ -13,7 +13,8 @@ own. Conventions:
   adds nothing, ``l2soft-tuned`` reads "L2Soft tuned"; another suffix is kept) and listed right
   after VarShare, as are the other ablations, each named from args.json whatever its suffix (a
   suffix equal to the matrix row's name adds nothing): ``--beta 0`` is "beta=0", ``--estimator
-  reparam`` "reparam estimator", ``--rollout-weights episode`` "episode weights". The ablation section sets each beside VarShare.
+  reparam`` "reparam estimator", ``--rollout-weights episode`` "episode weights". The ablation
+  section sets each beside VarShare.
 - The capacity-matched row is a shared-MTL run (``ppo_mtl_embed``) whose ``--run-name-suffix``
   contains ``wide`` (for example ``wide``; ``python -m shared.capacity`` gives the width); it is
   listed right after shared MTL.

@@ -317,7 +317,8 @@ def test_tuned_l2soft_row_carries_the_meta_world_lambda_and_is_left_out_on_toy_s
                       "--budget", "5000", "--runs-dir", str(tmp_path), "--dry-run")
     assert proc.returncode == 0, proc.stderr
     flags = {line.split("--run-name-suffix ")[1].split()[0] + "@" + line.split("--env-id ")[1].split()[0]:
-             line.split("--total-timesteps 5000 ")[1].split(" --run-name-suffix")[0] for line in proc.stdout.splitlines()}
+             line.split("--total-timesteps 5000 ")[1].split(" --run-name-suffix")[0]
+             for line in proc.stdout.splitlines()}
     assert flags == {"l2soft@mt3": "--residual l2", "l2soft@cartpole-mt": "--residual l2",
                      "l2soft-tuned@mt3": "--residual l2 --sigma-prior-gain 0.12 --beta 3"}
     assert "cartpole-mt is a gym suite, which has no tuned L2Soft lambda" in proc.stderr
