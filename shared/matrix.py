@@ -390,6 +390,10 @@ def plan(suites: list[str], names: list[str], seeds: list[int], budget: int | No
     if loo and not loo_names:
         raise UsageError(f"--loo needs one of {', '.join(('ppo_single', *LOO_SCRIPTS))} in --methods (the wide and "
                          f"ablation rows have no leave-one-out jobs)")
+    dropped = [name for name in names if name not in loo_names]
+    if loo_only and dropped:  # said, not silent: these rows were asked for and get no job
+        print(f"--loo-only: {', '.join(dropped)} {'has' if len(dropped) == 1 else 'have'} no leave-one-out jobs and "
+              f"{'is' if len(dropped) == 1 else 'are'} left out", file=sys.stderr)
     held_out = loo_tasks(list(dict.fromkeys(suites)), loo) if loo else {}
     root = os.path.abspath(runs_dir)
     jobs = []

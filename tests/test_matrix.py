@@ -378,6 +378,11 @@ def test_loo_dry_run_shows_each_command_and_what_it_waits_for(tmp_path):
                       "--dry-run", "--", *LOO_FLAGS)
     assert only.returncode == 0, only.stderr
     assert only.stdout.splitlines() == proc.stdout.splitlines()[1:]  # the suite's own row left out
+    with_wide = run_matrix("--suites", LOO_SUITE, "--methods", "varshare", "wide", "--seeds", "1", "--budget", "4096",
+                           "--loo", HELD_OUT, "--loo-only", "--runs-dir", str(tmp_path), "--dry-run")
+    assert with_wide.returncode == 0, with_wide.stderr
+    assert "--loo-only: wide has no leave-one-out jobs and is left out" in with_wide.stderr
+    assert not any("--run-name-suffix wide" in line for line in with_wide.stdout.splitlines())
     alone = run_matrix("--suites", LOO_SUITE, "--loo-only", "--runs-dir", str(tmp_path), "--dry-run")
     assert alone.returncode == 2 and "--loo-only runs the leave-one-out jobs alone; give --loo" in alone.stderr
 
