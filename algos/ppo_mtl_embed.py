@@ -3,7 +3,10 @@
 One actor MLP and one critic MLP serve every task; the task enters as a one-hot vector
 concatenated to the (normalised) observation, as in Meta-World's multi-task PPO baseline
 ("MT-PPO", Yu et al., CoRL 2019) and the task-embedding MTL baselines that followed.
-``--task-encoding learned`` swaps the one-hot for a learned embedding of the same width.
+``--task-encoding learned`` swaps the one-hot for a learned embedding of the same width;
+``--task-encoding none`` gives the network no task input at all (a task-blind control: the one
+network must serve every task from the observation alone, which is what VarShare's network is
+while its residuals sit at the prior).
 
 Every other multi-task script is this file plus its own network and its own loss term or
 gradient rule. The regions between ``PPO CORE`` markers are byte-identical in every
@@ -15,6 +18,10 @@ Decisions of this script:
   observation of both actor and critic.
 - ``learned`` encoding: a trainable [T, T] table, initialised to the identity so that it starts
   as the one-hot and can move away from it.
+- ``none``: the input is the observation alone; the per-task log-std rows remain (as in VarShare),
+  so the actor's mean is task-blind and only its exploration noise is per task. A control, not a
+  baseline: it has no leave-one-out transfer (a new task would have nothing of its own but a
+  log-std row).
 - Continuous actions: a state-independent log-std per task (same in every multi-task script).
 - Update: loss = mean over tasks of each task's PPO loss (the minibatch is task-stratified, so
   this is the plain minibatch mean); one gradient-norm clip over all parameters; Adam.
@@ -175,8 +182,9 @@ def action_logprob_entropy(head: torch.Tensor, logstd: torch.Tensor | None, acti
 
 @dataclass
 class Args(PPOArgs):
-    task_encoding: Literal["onehot", "learned"] = "onehot"
-    """how the task id enters the network: a one-hot, or a learned embedding of the same width"""
+    task_encoding: Literal["onehot", "learned", "none"] = "onehot"
+    """how the task id enters the network: a one-hot, a learned embedding of the same width, or not at
+    all (none: a task-blind control)"""
 
 
 OBS_NORM_PER_TASK = False  # one observation normaliser shared by all tasks
@@ -199,7 +207,8 @@ class Agent(nn.Module):
                  hidden_sizes: tuple[int, ...], task_encoding: str):
         super().__init__()
         self.num_tasks, self.discrete = num_tasks, discrete
-        in_dim = obs_dim + num_tasks
+        self.task_blind = task_encoding == "none"
+        in_dim = obs_dim + (0 if self.task_blind else num_tasks)
         self.critic = mlp([in_dim, *hidden_sizes, 1], out_std=1.0)
         self.actor = mlp([in_dim, *hidden_sizes, act_dim], out_std=0.01)
         self.actor_logstd = None if discrete else per_task(nn.Parameter(torch.zeros(num_tasks, act_dim)))
@@ -208,6 +217,8 @@ class Agent(nn.Module):
             self.task_embedding = per_task(nn.Parameter(torch.eye(num_tasks)))  # [T, T], starts as one-hot
 
     def inputs(self, obs: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        if self.task_blind:
+            return obs  # [T, n, obs_dim]
         if self.task_embedding is None:
             z = nn.functional.one_hot(task_ids, self.num_tasks).to(obs.dtype)  # [T, n, T]
         else:
@@ -232,13 +243,14 @@ class Agent(nn.Module):
 
     def trained_parameter_count(self) -> int:
         # One task's data reaches every shared weight but only its own one-hot column of the
-        # first layers (other tasks' columns multiply zeros), its log-std row and embedding row.
+        # first layers (other tasks' columns multiply zeros), its log-std row and embedding row
+        # (the task-blind control has no task columns: only the other log-std rows are unused).
         total = sum(p.numel() for p in self.parameters())
         t = self.num_tasks
         unused = 0 if self.actor_logstd is None else (t - 1) * self.actor_logstd.shape[1]
-        if self.task_embedding is None:
+        if self.task_embedding is None and not self.task_blind:
             unused += (t - 1) * (self.critic[0].out_features + self.actor[0].out_features)
-        else:  # a dense learned embedding reaches every task column of the first layers
+        elif self.task_embedding is not None:  # a dense learned embedding reaches every task column of the first layers
             unused += (t - 1) * t
         return total - unused
 
@@ -247,6 +259,8 @@ class Agent(nn.Module):
         # one-hot (or the task's embedding row) fold into their biases, as VarShare's theta + mu_m
         # folds into one matrix.
         task_columns = self.critic[0].out_features + self.actor[0].out_features
+        if self.task_blind:
+            return self.trained_parameter_count()
         if self.task_embedding is None:
             return self.trained_parameter_count() - task_columns
         return self.trained_parameter_count() - self.num_tasks * task_columns - self.num_tasks
@@ -270,6 +284,9 @@ def transfer_weights(args: Args, agent: Agent, base: dict) -> dict:
     first actor and critic layers (the last input column, orthogonal init like every column) and its
     log-std row (--init-logstd). Under --transfer task-params only those entries train. A learned encoding has
     no row for a new task that the base run's first layers could read, so it is refused."""
+    if agent.task_blind:
+        raise UsageError("--task-encoding none is a task-blind control without leave-one-out transfer: "
+                         "use the one-hot encoding (the default)")
     if agent.task_embedding is not None:
         raise UsageError("--task-encoding learned has no embedding for a task the base run never saw; "
                          "leave-one-out transfer uses the one-hot encoding (the default)")

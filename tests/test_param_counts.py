@@ -27,6 +27,27 @@ def test_shared_mtl_and_pcgrad_counts_match_hand_count():
         assert learned["active"] == counts["active"]  # the embedding row and every task column fold away
 
 
+def test_task_blind_control_counts_and_ignores_the_task_id():
+    import torch
+
+    module = load_script("ppo_mtl_embed")
+    agent = module.Agent(OBS, ACT, False, T, (H,), "none")
+    total = mlp_count([OBS, H, 1]) + mlp_count([OBS, H, ACT]) + T * ACT
+    counts = count_parameters(agent)
+    # no task columns: one task trains every weight but the other tasks' log-std rows, and uses as many
+    assert counts == {"total": total, "trained_per_task": total - (T - 1) * ACT,
+                      "active": total - (T - 1) * ACT}
+    obs = torch.randn(T, 2, OBS).expand(T, 2, OBS).clone()
+    obs[:] = obs[0]  # the same observations in every task's rows
+    ids = torch.arange(T)[:, None].expand(T, 2)
+    head = agent.act_deterministic(obs, ids)
+    value = agent.get_value(obs, ids)
+    assert torch.equal(head, head[:1].expand_as(head)) and torch.equal(value, value[:1].expand_as(value))
+    # the one-hot agent, on the same observations, does tell the tasks apart
+    onehot = module.Agent(OBS, ACT, False, T, (H,), "onehot")
+    assert not torch.equal(onehot.get_value(obs, ids)[0], onehot.get_value(obs, ids)[1])
+
+
 def test_oracle_counts_match_hand_count():
     agent = load_script("ppo_single").Agent(OBS, ACT, True, T, (H,))
     one = mlp_count([OBS, H, 1]) + mlp_count([OBS, H, ACT])

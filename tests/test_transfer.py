@@ -151,6 +151,11 @@ def test_bad_transfer_flags_get_one_sentence(argv, message, base_runs, tmp_path)
         run("ppo_varshare", ["--env-id", SUITE, "--runs-dir", str(tmp_path), *argv])
 
 
+def test_the_task_blind_control_has_no_transfer(base_runs):
+    with pytest.raises(UsageError, match="--task-encoding none is a task-blind control"):
+        own_entries("ppo_mtl_embed", base_runs["ppo_mtl_embed"], "--task-encoding", "none")
+
+
 def test_refuses_another_method_suite_or_a_script_that_shares_nothing(base_runs, tmp_path):
     base = str(base_runs["ppo_varshare"])
     with pytest.raises(UsageError, match="that run is ppo_varshare, not ppo_paco"):
