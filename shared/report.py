@@ -15,6 +15,9 @@ own. Conventions:
   suffix equal to the matrix row's name adds nothing): ``--beta 0`` is "beta=0", ``--estimator
   reparam`` "reparam estimator", ``--rollout-weights episode`` "episode weights". The ablation
   section sets each beside VarShare.
+- Shared MTL (and PCGrad) with ``--task-encoding none`` is "task-blind", with ``--task-encoding
+  learned`` "learned encoding", named from args.json whatever the suffix (a suffix ``taskblind``
+  or ``learned`` adds nothing), so neither ever joins the one-hot row.
 - The capacity-matched row is a shared-MTL run (``ppo_mtl_embed``) whose ``--run-name-suffix``
   contains ``wide`` (for example ``wide``; ``python -m shared.capacity`` gives the width); it is
   listed right after shared MTL.
@@ -205,6 +208,13 @@ L2SOFT_CHANGE = "--residual l2 (deterministic residuals, L2 penalty at the match
 L2SOFT_TUNED_CHANGE = "--residual l2 at the lambda tuned on mt3-tune (the matrix's l2soft-tuned row)"
 
 
+# Shared MTL's (and PCGrad's) task encodings other than the one-hot: (name in the report, suffixes
+# that add nothing to it). Named from args.json, so that a run without a suffix never joins the
+# one-hot row it does not belong to.
+TASK_ENCODINGS = {"none": ("task-blind", ("taskblind", "task-blind")),
+                  "learned": ("learned encoding", ("learned",))}
+
+
 def varshare_ablations(args: dict) -> list[tuple[str, str, str]]:
     """The ABLATIONS entries this VarShare run's args.json sets (none for L2Soft, which ignores them)."""
     if args.get("algo") != "ppo_varshare" or args.get("residual") == "l2":
@@ -224,6 +234,10 @@ def variant_of(args: dict) -> str:
     if ablations:
         name = " + ".join(label for _, label, _ in ablations)
         return name if suffix.lower() in ("", *(row for row, _, _ in ablations)) else f"{name} {suffix}"
+    encoding = TASK_ENCODINGS.get(args.get("task_encoding"))
+    if args.get("algo") in ("ppo_mtl_embed", "ppo_pcgrad") and encoding:
+        name, own_suffixes = encoding
+        return name if suffix.lower() in ("", *own_suffixes) else f"{name} {suffix}"
     return suffix
 
 

@@ -457,6 +457,17 @@ def test_leave_one_out_runs_stay_out_of_the_suite_tables(loo_built):
     assert f"{len(runs)} run directories: {len(runs) - 2} averaged in, 2 listed" in text
 
 
+def test_task_encodings_other_than_the_one_hot_are_rows_of_their_own():
+    assert report.variant_of({"algo": "ppo_mtl_embed", "task_encoding": "onehot"}) == ""
+    assert report.variant_of({"algo": "ppo_mtl_embed", "task_encoding": "onehot", "run_name_suffix": "wide"}) == "wide"
+    assert report.variant_of({"algo": "ppo_mtl_embed", "task_encoding": "none"}) == "task-blind"
+    assert report.variant_of({"algo": "ppo_mtl_embed", "task_encoding": "none", "run_name_suffix": "taskblind"}) \
+        == "task-blind"
+    assert report.variant_of({"algo": "ppo_pcgrad", "task_encoding": "learned", "run_name_suffix": "x"}) \
+        == "learned encoding x"
+    assert report.row_label("ppo_mtl_embed", "task-blind") == "shared MTL task-blind"
+
+
 def test_ablation_rows_follow_varshare_and_have_their_section(loo_built):
     _, _, text = loo_built
     order = [line.split("|")[1].strip() for line in section(text, "mt3").split("Per task")[0].splitlines()
