@@ -9,12 +9,22 @@ Wierstra, "Weight Uncertainty in Neural Networks", ICML 2015.
 
 Every linear layer of actor and critic (hidden layers and heads) runs task m with
 W_m = theta + phi_m; phi_m ~ q_m = N(mu_m, softplus(rho_m)^2), prior N(0, sigma_prior^2).
-The network input is the observation alone: the task enters only through its residual.
+The network input is the observation alone: the task enters only through its residual
+(--task-input onehot adds shared MTL's one-hot input to theta, a comparison behind a flag).
 This script is ppo_mtl_embed.py with that network and one loss term; the PPO core between the
 markers is byte-identical.
 
 Decisions (each a flag; default first):
 - Residuals on weights only; biases shared (--residual-bias adds residuals to biases).
+- Task input: none (the spec's VarShare: the observation alone). --task-input onehot gives the
+  shared network shared MTL's one-hot task input: the first actor and critic layers get one column
+  per task, stored as a per-task bias row added after the layer (a one-hot column times the one-hot
+  is that row, so no [T, n, T] input is built), initialised as shared MTL's columns (one orthogonal
+  draw over observation and task columns) and trained like theta, without residual or KL. On
+  Meta-World the default prior holds the residuals too small to carry the task's identity, and
+  reach-v3 and pick-place-v3 show the same kind of observation, so the spec's VarShare scores like a
+  task-blind shared MTL there (README, `mt3` at 3M); with the flag, the residuals add to a network
+  that already knows the task, which isolates what they contribute. Off by default (the spec).
 - theta initialised as the shared baseline's layers (orthogonal, CleanRL gains); mu = 0.
 - Prior std per layer, scaled with fan-in (--prior-scaling fan-in): sigma_prior_l =
   --sigma-prior-gain / sqrt(fan_in_l), default gain 0.24 on the toy suites and 0.03 on Meta-World
@@ -268,6 +278,9 @@ class Args(PPOArgs):
     """give biases a residual too (default: biases are shared)"""
     prune_threshold: Optional[float] = None
     """after training, also evaluate with residual entries |mu| < threshold set to zero"""
+    task_input: Literal["none", "onehot"] = "none"
+    """none: the observation is the network's only input (the spec's VarShare); onehot: the shared network
+    also reads shared MTL's one-hot task input (a per-task row of the first layers, no residual or KL)"""
 
 
 OBS_NORM_PER_TASK = False  # one observation normaliser shared by all tasks
@@ -577,8 +590,10 @@ class VarShareLinear(nn.Module):
 
 class VarShareMLP(nn.Module):
     def __init__(self, num_tasks: int, sizes: list[int], out_std: float, prior: Callable[[int], tuple[float, float]],
-                 **layer_kwargs):
-        """``prior(fan_in)`` gives a layer's (prior std, initial sigma)."""
+                 task_input: bool = False, **layer_kwargs):
+        """``prior(fan_in)`` gives a layer's (prior std, initial sigma). ``task_input``: the first layer
+        also reads a one-hot task input, held as a per-task row ``task_bias`` [T, 1, d_out] (the one-hot
+        column of task t is row t); the residuals and their prior cover the observation columns only."""
         super().__init__()
         layers = []
         for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
@@ -587,10 +602,21 @@ class VarShareMLP(nn.Module):
             layers.append(VarShareLinear(num_tasks, d_in, d_out, std, sigma_prior=sigma_prior, sigma_init=sigma_init,
                                          **layer_kwargs))
         self.layers = nn.ModuleList(layers)
+        self.task_bias = None
+        if task_input:  # shared MTL's first layer over [observation, one-hot]: one orthogonal draw, split
+            first = self.layers[0]
+            d_in, d_out = first.theta.shape
+            weight = torch.empty(d_out, d_in + num_tasks)
+            torch.nn.init.orthogonal_(weight, np.sqrt(2) if len(self.layers) > 1 else out_std)
+            with torch.no_grad():
+                first.theta.copy_(weight[:, :d_in].T)
+            self.task_bias = per_task(nn.Parameter(weight[:, d_in:].T.reshape(num_tasks, 1, d_out).contiguous()))
 
     def forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x, mode)
+            if i == 0 and self.task_bias is not None:
+                x = x + self.task_bias  # [T, n, d] + [T, 1, d]: row t is task t's one-hot column
             if i < len(self.layers) - 1:
                 x = torch.tanh(x)
         return x
@@ -598,15 +624,16 @@ class VarShareMLP(nn.Module):
 
 class Agent(WeightCacheMixin):
     """Actor and critic whose every linear layer is a VarShareLinear. The observation is the
-    network's only input: task identity enters only through the residual of row t (task t)."""
+    network's only input: task identity enters only through the residual of row t (task t), and,
+    with ``task_input``, through the first layers' one-hot task rows."""
 
     def __init__(self, obs_dim: int, act_dim: int, discrete: bool, num_tasks: int, hidden_sizes: tuple[int, ...],
                  variational: bool, prior: Callable[[int], tuple[float, float]], residual_bias: bool,
-                 rollout_weights: str, estimator: str, eval_sample_weights: int):
+                 rollout_weights: str, estimator: str, eval_sample_weights: int, task_input: bool = False):
         """``prior(fan_in)`` gives each layer's (prior std, initial sigma)."""
         super().__init__()
         self.num_tasks, self.discrete = num_tasks, discrete
-        kw = dict(variational=variational, prior=prior, residual_bias=residual_bias)
+        kw = dict(variational=variational, prior=prior, residual_bias=residual_bias, task_input=task_input)
         self.critic = VarShareMLP(num_tasks, [obs_dim, *hidden_sizes, 1], out_std=1.0, **kw)
         self.actor = VarShareMLP(num_tasks, [obs_dim, *hidden_sizes, act_dim], out_std=0.01, **kw)
         self.actor_logstd = None if discrete else per_task(nn.Parameter(torch.zeros(num_tasks, act_dim)))
@@ -706,8 +733,11 @@ class Agent(WeightCacheMixin):
         return shared + (0 if self.actor_logstd is None else self.actor_logstd.shape[1])
 
     def trained_parameter_count(self) -> int:
+        # With --task-input onehot a task's data also reaches its own one-hot row of the first layers
+        # (at inference that row folds into the bias: the active count is unchanged).
         shared = sum(layer.theta.numel() + layer.bias.numel() for layer in self.layers())
         own = sum(p[0].numel() for layer in self.layers() for pair in layer.residuals() for p in pair if p is not None)
+        own += sum(net.task_bias[0].numel() for net in (self.critic, self.actor) if net.task_bias is not None)
         return shared + own + (0 if self.actor_logstd is None else self.actor_logstd.shape[1])
 
     @contextlib.contextmanager
@@ -764,7 +794,8 @@ def make_agent(args: Args, suite, obs_dim: int, act_dim: int, discrete: bool) ->
         return sigma_prior, args.sigma_init_ratio * sigma_prior
 
     agent = Agent(obs_dim, act_dim, discrete, suite.num_tasks, args.hidden_sizes, variational, prior,
-                  args.residual_bias, args.rollout_weights, args.estimator, args.eval_sample_weights)
+                  args.residual_bias, args.rollout_weights, args.estimator, args.eval_sample_weights,
+                  task_input=args.task_input == "onehot")
     # args.json records the resolved per-layer values next to the flags (shared.runlog reads `derived`).
     names = agent.layer_names()
     args.derived = {"sigma_prior_per_layer": {n: layer.sigma_prior for n, layer in zip(names, agent.layers(),
@@ -809,6 +840,10 @@ def transfer_weights(args: Args, agent: Agent, base: dict) -> dict:
     the shared theta was trained under it, and the new task would otherwise be pulled toward
     another one without a word."""
     base_args = base_run_args(args.init_from)
+    base_input = base_args.get("task_input", "none")
+    if base_input != args.task_input:
+        raise UsageError(f"--init-from {args.init_from}: that run has --task-input {base_input}, this one "
+                         f"--task-input {args.task_input}; pass --task-input {base_input}")
     if base_args.get("residual", "variational") != args.residual:
         raise UsageError(f"--init-from {args.init_from}: that run has --residual {base_args.get('residual')}, this one "
                          f"--residual {args.residual}; pass --residual {base_args.get('residual')}")

@@ -18,6 +18,8 @@ own. Conventions:
 - Shared MTL (and PCGrad) with ``--task-encoding none`` is "task-blind", with ``--task-encoding
   learned`` "learned encoding", named from args.json whatever the suffix (a suffix ``taskblind``
   or ``learned`` adds nothing), so neither ever joins the one-hot row.
+- VarShare with ``--task-input onehot`` is "one-hot input" (joined by " + " to any ablation it
+  also sets; a suffix ``onehot`` adds nothing), so it never joins VarShare's reference row.
 - The capacity-matched row is a shared-MTL run (``ppo_mtl_embed``) whose ``--run-name-suffix``
   contains ``wide`` (for example ``wide``; ``python -m shared.capacity`` gives the width); it is
   listed right after shared MTL.
@@ -226,6 +228,11 @@ def varshare_ablations(args: dict) -> list[tuple[str, str, str]]:
 
 def variant_of(args: dict) -> str:
     suffix = args.get("run_name_suffix") or ""
+    onehot = args.get("algo") == "ppo_varshare" and args.get("task_input", "none") == "onehot"
+    if onehot:  # VarShare whose shared network also reads the one-hot task input
+        rest = variant_of({**args, "task_input": "none",
+                           "run_name_suffix": "" if suffix.lower() in ("onehot", "one-hot") else suffix})
+        return "one-hot input" + (f" + {rest}" if rest else "")
     if args.get("algo") == "ppo_varshare" and args.get("residual") == "l2":
         if suffix.lower() == "l2soft-tuned":
             return "L2Soft tuned"

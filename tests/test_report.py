@@ -513,3 +513,15 @@ def test_transfer_rows_go_to_wandb_as_a_table(loo_built, tmp_path):
     assert (finetune["zero_shot"], finetune["final"], finetune["auc"]) == pytest.approx((0.5, 0.9, 0.675))
     assert rows["VarShare", "scratch"]["zero_shot"] is None and rows["VarShare", "base"]["auc"] is None
     assert f"figures/transfer_mt3_{HELD_OUT}" in logged
+
+
+def test_varshare_with_the_one_hot_input_is_a_row_of_its_own():
+    assert report.variant_of({"algo": "ppo_varshare", "task_input": "none"}) == ""
+    assert report.variant_of({"algo": "ppo_varshare", "task_input": "onehot"}) == "one-hot input"
+    assert report.variant_of({"algo": "ppo_varshare", "task_input": "onehot", "run_name_suffix": "onehot"}) \
+        == "one-hot input"
+    assert report.variant_of({"algo": "ppo_varshare", "task_input": "onehot", "beta": 0}) \
+        == "one-hot input + beta=0"
+    assert report.variant_of({"algo": "ppo_varshare", "task_input": "onehot", "residual": "l2"}) \
+        == "one-hot input + L2Soft"
+    assert report.ablation_change("ppo_varshare", "one-hot input") is None  # not one of VarShare's ablations

@@ -421,7 +421,7 @@ def test_l2_refuses_flags_that_need_weight_noise():
     args = types.SimpleNamespace(residual="l2", estimator="reparam", rollout_weights="mean", eval_sample_weights=0,
                                  l2_lambda=None, prior_scaling="fan-in", sigma_prior=None, sigma_prior_gain=None,
                                  sigma_init_ratio=vs.Args.sigma_init_ratio, beta=1.0, hidden_sizes=(4,),
-                                 residual_bias=False)
+                                 residual_bias=False, task_input="none")
     suite = types.SimpleNamespace(num_tasks=2)
     with pytest.raises(UsageError, match="estimator"):
         vs.make_agent(args, suite, 3, 2, True)
@@ -510,7 +510,7 @@ def test_make_agent_records_per_layer_priors_and_refuses_mixed_scalings():
     args = types.SimpleNamespace(residual="variational", estimator="flipout", rollout_weights="mean",
                                  eval_sample_weights=0, l2_lambda=None, prior_scaling="fan-in", sigma_prior=None,
                                  sigma_prior_gain=0.5, sigma_init_ratio=0.1, beta=1.0, hidden_sizes=(16, 4),
-                                 residual_bias=False)
+                                 residual_bias=False, task_input="none")
     suite = types.SimpleNamespace(num_tasks=2)
     agent = vs.make_agent(args, suite, 9, 2, True)
     expected = {"critic0": 0.5 / 3, "critic1": 0.5 / 4, "critic2": 0.25, "actor0": 0.5 / 3, "actor1": 0.5 / 4,
@@ -533,7 +533,7 @@ def test_make_agent_records_per_layer_priors_and_refuses_mixed_scalings():
 def test_unset_gain_and_beta_take_the_suite_kinds_values_and_given_ones_stay(kind, gain, beta):
     base = dict(residual="variational", estimator="flipout", rollout_weights="mean", eval_sample_weights=0,
                 l2_lambda=None, prior_scaling="fan-in", sigma_prior=None, sigma_prior_gain=None,
-                sigma_init_ratio=0.1, beta=None, hidden_sizes=(16,), residual_bias=False)
+                sigma_init_ratio=0.1, beta=None, hidden_sizes=(16,), residual_bias=False, task_input="none")
     suite = types.SimpleNamespace(num_tasks=2, kind=kind)
     args = types.SimpleNamespace(**base)
     vs.make_agent(args, suite, 16, 2, True)
@@ -547,3 +547,65 @@ def test_unset_gain_and_beta_take_the_suite_kinds_values_and_given_ones_stay(kin
                                   "sigma_init_ratio": vs.Args.sigma_init_ratio})
     vs.make_agent(l2, suite, 16, 2, True)
     assert l2.beta is None and set(l2.derived["l2_lambda_per_layer"].values()) == {2.0}
+
+
+def onehot_agent(T=3, obs=4, hidden=(8, 8), act=2):
+    torch.manual_seed(0)
+    return vs.Agent(obs, act, False, num_tasks=T, hidden_sizes=hidden, variational=True,
+                    prior=lambda fan_in: (0.1 / math.sqrt(fan_in), 0.007), residual_bias=False,
+                    rollout_weights="mean", estimator="flipout", eval_sample_weights=0, task_input=True)
+
+
+def test_one_hot_task_input_is_shared_mtls_first_layer_and_no_residual():
+    """--task-input onehot: at mu = 0 the network is shared MTL's over [observation, one-hot] (same
+    outputs once the weights are copied across), initialised as one orthogonal draw over both kinds
+    of column; the task rows get gradient from their own task only and carry no KL."""
+    T, OBS, ACT = 3, 4, 2
+    agent = onehot_agent(T, OBS)
+    mtl = load_script("ppo_mtl_embed").Agent(OBS, ACT, False, T, (8, 8), "onehot")
+    with torch.no_grad():
+        for name, net, ref in (("critic", agent.critic, mtl.critic), ("actor", agent.actor, mtl.actor)):
+            first = torch.cat([net.layers[0].theta.T, net.task_bias.squeeze(1).T], dim=1)  # [h, obs + T]
+            gram = first.T @ first  # orthogonal init with gain sqrt(2): orthonormal columns times sqrt(2)
+            assert torch.allclose(gram, 2 * torch.eye(OBS + T), atol=1e-5), name
+            for i, layer in enumerate(net.layers):
+                ref[2 * i].weight.copy_(first if i == 0 else layer.theta.T)
+                ref[2 * i].bias.copy_(layer.bias)
+        mtl.actor_logstd.copy_(agent.actor_logstd)
+    obs = torch.randn(1, 5, OBS).expand(T, 5, OBS)  # the same observations in every task's rows
+    ids = torch.arange(T)[:, None].expand(T, 5)
+    agent.eval()
+    with torch.no_grad():
+        assert torch.allclose(agent.get_value(obs, ids), mtl.get_value(obs, ids), atol=1e-6)
+        head = agent.act_deterministic(obs, ids)
+        assert torch.allclose(head, mtl.act_deterministic(obs, ids), atol=1e-6)
+        assert not torch.allclose(head[0], head[1])  # the tasks differ with every residual at zero
+    kl_before = agent.kl_per_task()
+    agent.train()
+    value = agent.get_value(obs, ids)  # flipout: the loss path
+    value[1].sum().backward()  # task 1's loss only
+    grad = agent.critic.task_bias.grad
+    assert grad[1].abs().sum() > 0 and grad[0].abs().sum() == 0 and grad[2].abs().sum() == 0
+    with torch.no_grad():
+        agent.critic.task_bias.add_(1.0)
+    assert torch.equal(agent.kl_per_task(), kl_before)  # the task rows are outside the prior
+
+
+def test_one_hot_task_input_counts_and_smoke_run(tmp_path):
+    plain, onehot = tiny_agent(), vs.Agent(3, 2, True, num_tasks=2, hidden_sizes=(5,), variational=True,
+                                           prior=lambda fan_in: (0.1 / math.sqrt(fan_in), 0.007),
+                                           residual_bias=False, rollout_weights="mean", estimator="flipout",
+                                           eval_sample_weights=0, task_input=True)
+    from shared.params import count_parameters
+
+    a, b = count_parameters(plain), count_parameters(onehot)
+    assert b["total"] == a["total"] + 2 * 2 * 5  # a row of 5 per task in critic and actor
+    assert b["trained_per_task"] == a["trained_per_task"] + 2 * 5  # the task's own rows
+    assert b["active"] == a["active"]  # they fold into the first layers' biases
+    args = vs.Args(env_id="cartpole-mt", total_timesteps=2 * 5 * 2 * 64, num_envs_per_task=2, num_steps=64,
+                   num_minibatches=2, update_epochs=1, eval_every=10**9, final_eval_episodes=2,
+                   hidden_sizes=(8,), runs_dir=str(tmp_path), task_input="onehot")
+    summary = vs.main(args)
+    assert summary["global_step"] == 2 * 5 * 2 * 64  # two iterations of five tasks
+    saved = json.load(open(glob.glob(str(tmp_path / "*" / "args.json"))[0]))
+    assert saved["task_input"] == "onehot"
