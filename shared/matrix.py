@@ -20,6 +20,9 @@ The others are ppo_varshare with one flag and a run-name suffix of the row's nam
 - ``beta0``: ``--beta 0`` (no KL: the residuals are free);
 - ``reparam``: ``--estimator reparam`` (one weight sample per task per minibatch instead of Flipout);
 - ``episode``: ``--rollout-weights episode`` (acting with a weight sample per episode, not the mean).
+One more VarShare row, by name only (neither ``all`` nor ``--ablations`` adds it):
+- ``onehot``: ``--task-input onehot`` (theta also reads shared MTL's one-hot task input; the README's
+  ``mt3`` at 3M says why the comparison exists).
 
 Without ``--suite`` the matrix is the quick one (``QUICK``): every row on the toy suite with a
 small budget and short evaluations, a few minutes on 2 cores, in runs/quick. With ``--suite``,
@@ -103,13 +106,16 @@ ROW_NAMES = ("ppo_single", "ppo_mtl_embed", "wide", "ppo_varshare", "l2soft", "p
 # VarShare's ablation rows outside --methods all: --ablations adds them (and l2soft), after l2soft.
 ABLATIONS = {"beta0": ("--beta", "0"), "reparam": ("--estimator", "reparam"),
              "episode": ("--rollout-weights", "episode")}
-ALL_ROWS = (*ROW_NAMES[:ROW_NAMES.index("l2soft") + 1], "l2soft-tuned", *ABLATIONS,
+# VarShare rows that only --methods names (one flag each, like ABLATIONS).
+BY_NAME = {"onehot": ("--task-input", "onehot")}
+VARSHARE_ONE_FLAG = {**ABLATIONS, **BY_NAME}
+ALL_ROWS = (*ROW_NAMES[:ROW_NAMES.index("l2soft") + 1], "l2soft-tuned", *ABLATIONS, *BY_NAME,
             *ROW_NAMES[ROW_NAMES.index("l2soft") + 1:])
 # Relative cost of a run per row (from the README's toy timings; the wide row's update is the
 # largest). Local workers take the costliest jobs first, so that the last ones to start are short.
 ROW_COST = {"wide": 3.0, "ppo_softmod": 2.0, "ppo_pcgrad": 1.6, "ppo_varshare": 1.3, "ppo_mtl_embed": 1.0,
             "l2soft": 0.9, "l2soft-tuned": 0.9, "ppo_single": 0.8, "ppo_paco": 0.7, "beta0": 1.3, "reparam": 0.9,
-            "episode": 1.3}
+            "episode": 1.3, "onehot": 1.3}
 # Leave-one-out: the scripts with a base run and transfer runs (they share parameters between
 # tasks), and the regimes of each held-out task; ppo_single has the scratch regime only.
 LOO_SCRIPTS = ("ppo_mtl_embed", "ppo_varshare", "ppo_paco", "ppo_softmod", "ppo_pcgrad")
@@ -117,7 +123,7 @@ REGIMES = ("base", "scratch", "finetune", "task-params")
 # Flags the matrix sets itself: giving them after -- would make every job of a row the same run.
 OWNED_FLAGS = {"--env-id": "--suites", "--seed": "--seeds", "--total-timesteps": "--budget",
                "--runs-dir": "--runs-dir", "--resume": "a rerun (it resumes by itself)",
-               "--run-name-suffix": "the row (wide, l2soft, l2soft-tuned, beta0, reparam, episode)",
+               "--run-name-suffix": "the row (wide, l2soft, l2soft-tuned, beta0, reparam, episode, onehot)",
                "--init-from": "--loo", "--transfer": "--loo"}
 # ... and these too when --loo is given (they define a leave-one-out job's tasks).
 LOO_OWNED_FLAGS = {"--tasks": "--loo", "--holdout-task": "--loo"}
@@ -334,8 +340,8 @@ def suite_rows(suite: str, names: list[str], flags: tuple[str, ...]) -> list[Row
                       f"is the matched one); the row is left out there", file=sys.stderr)
                 continue
             rows.append(Row("l2soft-tuned", "ppo_varshare", "l2soft-tuned", ("--residual", "l2", *tuned)))
-        elif name in ABLATIONS:
-            rows.append(Row(name, "ppo_varshare", name, ABLATIONS[name]))
+        elif name in VARSHARE_ONE_FLAG:
+            rows.append(Row(name, "ppo_varshare", name, VARSHARE_ONE_FLAG[name]))
         else:
             rows.append(Row(name, name))
     return rows
@@ -1015,7 +1021,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{QUICK.budget:,} steps)")
     parser.add_argument("--methods", "--method", nargs="+", default=["all"],
                         help=f"rows: {' '.join(ALL_ROWS)} (ppo_ may be left out), or all (every row but "
-                             f"l2soft-tuned, {', '.join(ABLATIONS)})")
+                             f"l2soft-tuned, {', '.join(VARSHARE_ONE_FLAG)})")
     parser.add_argument("--ablations", action="store_true",
                         help=f"add VarShare's ablation rows: l2soft, l2soft-tuned (Meta-World suites) and "
                              f"{', '.join(ABLATIONS)} (ppo_varshare with "

@@ -312,6 +312,17 @@ def test_ablation_rows_are_varshare_with_one_flag_and_not_in_the_default_set(tmp
                             ("episode", "--rollout-weights episode"))]
 
 
+def test_one_hot_input_row_is_varshare_with_its_flag_by_name_only(tmp_path):
+    assert "onehot" not in matrix.parse_methods(["all"], ablations=True)
+    assert matrix.parse_methods(["onehot", "varshare"]) == ["ppo_varshare", "onehot"]
+    proc = run_matrix("--suites", "mt3", "--methods", "onehot", "--seeds", "2", "--budget", "5000",
+                      "--runs-dir", str(tmp_path), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        f".venv/bin/python algos/ppo_varshare.py --env-id mt3 --seed 2 --total-timesteps 5000 --task-input onehot "
+        f"--run-name-suffix onehot --runs-dir {tmp_path}/mt3/onehot/seed2"]
+
+
 def test_tuned_l2soft_row_carries_the_meta_world_lambda_and_is_left_out_on_toy_suites(tmp_path):
     proc = run_matrix("--suites", "mt3", "cartpole-mt", "--methods", "l2soft", "l2soft-tuned", "--seeds", "1",
                       "--budget", "5000", "--runs-dir", str(tmp_path), "--dry-run")
