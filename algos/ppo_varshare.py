@@ -833,8 +833,9 @@ def select_run_tasks(args: Args, suite):
 def transfer_weights(args: Args, agent: Agent, base: dict) -> dict:
     """Leave-one-out transfer into this one-task agent (shared/transfer.py): the base run's shared
     theta and biases; the new task's residual starts at mu = 0 with sigma at its initial value (so
-    the zero-shot policy is the shared theta), its log-std row at --init-logstd. Under --transfer task-params only
-    the new task's mu, rho (and residual biases) and log-std row train. The base run's regulariser
+    the zero-shot policy is the shared theta), its log-std row at --init-logstd (and, with --task-input onehot, its
+    one-hot rows fresh, as shared MTL's new column). Under --transfer task-params only the new task's mu, rho (and
+    residual biases), one-hot rows and log-std row train. The base run's regulariser
     (residual kind; beta and each layer's prior std, or L2Soft's per-layer lambda) must be this run's:
     the shared theta was trained under it, and the new task would otherwise be pulled toward
     another one without a word."""

@@ -184,6 +184,12 @@ def test_a_varshare_transfer_under_another_prior_is_refused(base_runs, tmp_path)
                                  "--runs-dir", str(tmp_path), *flags])
 
 
+def test_a_varshare_transfer_with_another_task_input_is_refused(base_runs, tmp_path):
+    with pytest.raises(UsageError, match="that run has --task-input none, this one --task-input onehot"):
+        run("ppo_varshare", ["--env-id", SUITE, "--init-from", str(base_runs["ppo_varshare"]), "--transfer",
+                             "finetune", "--runs-dir", str(tmp_path), "--task-input", "onehot"])
+
+
 def test_a_transfer_with_another_residual_kind_or_l2_lambda_is_refused(base_runs, tmp_path):
     base = base_runs["ppo_varshare"]
     with pytest.raises(UsageError, match="that run has --residual variational, this one --residual l2"):
