@@ -47,6 +47,18 @@ Decisions (each a flag; default first):
   --reg-grad-scale none adds the KL's gradient unscaled after the clip: the effective beta is
   then beta / c and drifts with the RL gradient's norm (logged as varshare/effective_beta and
   varshare/rl_clip_factor).
+- Prior step (--prior-step): gradient (default) adds the pull's mu-gradient, k * mu with
+  k = beta / sigma_prior^2 per entry (times the loss's scale), to the RL gradient before Adam. At
+  the Meta-World prior (sigma_prior about 0.002) k is so stiff that the pull dominates Adam's
+  second moment for mu, and Adam's normalised steps make mu step back and forth around its tiny
+  stationary point: on mt3-tune at the default, each of mu's steps is 0.3-1.1x theta's, but over
+  five iterations mu's net move is 0.2-2% of its path against 25-40% for theta
+  (benchmarks/varshare_step_split.py), so the acting weights theta + mu carry a perturbation as
+  large as the learning step that goes nowhere. prox lets Adam step mu on the RL gradient alone
+  and then applies the pull implicitly at Adam's per-entry step size (prior_prox_step): the same
+  stationary point, no oscillation, no new knob. Over the same first 36k steps mu's step is then
+  0.02-0.2x theta's in the hidden layers and 0.4-0.55x in the heads (0.3-1.1x with gradient); what
+  is left is mu following the noisy RL gradient's mean. The pull on rho stays a gradient.
 - Estimator in the loss: Flipout (--estimator flipout): one eps per task, layer and minibatch,
   random sign vectors per example; --estimator reparam draws one weight per task per minibatch.
 - Acting: mean weights theta + mu_m (--rollout-weights mean). The PPO ratio then compares the
@@ -259,6 +271,11 @@ class Args(PPOArgs):
     """absolute scaling: prior std of every residual entry (default 0.03)"""
     sigma_init_ratio: float = 1 / 30
     """initial sigma of every residual entry as a fraction of its layer's prior std (1/30: 1e-3 under 0.03)"""
+    prior_step: Literal["gradient", "prox"] = "gradient"
+    """how the prior's pull on mu enters the update: gradient (its gradient joins the RL gradient in Adam,
+    as the loss is written); prox (Adam steps mu on the RL gradient alone, then the pull is applied exactly
+    at Adam's per-entry step size; same stationary point, without the oscillation a stiff pull gets from
+    Adam's normalised steps)"""
     reg_grad_scale: Literal["rl-clip", "none"] = "rl-clip"
     """rl-clip: the regulariser's gradient is scaled by the RL gradient's clip coefficient, so every update
     keeps the ELBO's ratio of RL to KL gradient (beta exact); none: added unscaled after the clip (the
@@ -908,10 +925,41 @@ def add_regularizer_gradient(args: Args, agent: Agent) -> None:
                 k = c * args.beta / prior_var
                 sigma, slope = (layer.sigma_and_slope() if rho is layer.rho
                                 else (nn.functional.softplus(rho), torch.sigmoid(rho)))
-                mu.grad.add_(mu, alpha=k)
+                if args.prior_step == "gradient":  # prox: the pull on mu is applied after the step
+                    mu.grad.add_(mu, alpha=k)
                 rho.grad.addcmul_(sigma, slope, value=k).addcdiv_(slope, sigma, value=-k * prior_var)
-            else:
+            elif args.prior_step == "gradient":
                 mu.grad.add_(mu, alpha=2.0 * c * l2_layer_lambda(args, layer))
+
+
+def pull_curvature(args: Args, agent: Agent, layer: VarShareLinear) -> float:
+    """d^2 / d mu^2 of the scaled regulariser, per entry of one layer's mu: beta / sigma_prior^2
+    (KL) or 2 lambda (L2Soft), times --kl-scale's factor and the mean over tasks."""
+    c = regularizer_scale(args, agent) / agent.num_tasks
+    if args.residual == "variational":
+        return c * args.beta / layer.sigma_prior**2
+    return 2.0 * c * l2_layer_lambda(args, layer)
+
+
+@torch.no_grad()
+def prior_prox_step(args: Args, agent: Agent, optimizer, clip_coef: torch.Tensor) -> None:
+    """--prior-step prox, after Adam has stepped mu on the RL gradient alone: the quadratic pull
+    k * mu / 2 of the regulariser, taken implicitly at Adam's per-entry step size
+    a = lr / (sqrt(v_hat) + eps), mu <- mu / (1 + a k) = mu * d / (d + lr k), d = sqrt(v_hat) + eps.
+    The fixed point is Adam's with the pull's gradient added (mu = -E[g_RL] / k, the loss's
+    stationary point), but a pull much stiffer than the RL gradient no longer dominates Adam's
+    second moment and turns every step into a full-size step back and forth. Under rl-clip, k is
+    scaled by the clip coefficient, as the gradient it replaces would have been."""
+    group = optimizer.param_groups[0]
+    lr, eps, beta2 = group["lr"], group["eps"], group["betas"][1]
+    scale = clip_coef if args.reg_grad_scale == "rl-clip" else 1.0
+    for layer in agent.layers():
+        for mu, _ in layer.residuals():
+            state = optimizer.state.get(mu)
+            if not state:  # no Adam step taken on it (frozen)
+                continue
+            d = state["exp_avg_sq"].div(1.0 - beta2 ** state["step"]).sqrt_().add_(eps)
+            mu.mul_(d).div_(d.add_(lr * scale * pull_curvature(args, agent, layer)))
 
 
 def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor, info: dict) -> dict:
@@ -934,6 +982,8 @@ def method_update(args: Args, agent: Agent, optimizer, task_losses: torch.Tensor
     if args.reg_grad_scale != "rl-clip":
         add_regularizer_gradient(args, agent)
     optimizer.step()
+    if args.prior_step == "prox":
+        prior_prox_step(args, agent, optimizer, clip_coef)
     agent.clear_weight_cache()
     agent.last_ppo_loss = ppo_loss.detach()  # for the regulariser-to-PPO ratio in the diagnostics
     stats = {"losses/grad_norm": grad_norm, "varshare/rl_clip_factor": 1.0 / clip_coef}

@@ -21,6 +21,11 @@
 # VarShare's gain and beta are chosen again there, together: four settings at seed 1, then seed 2
 # of the two that meet the constraint (clip fraction at most 1.5x shared MTL's, mtl-defaults), then
 # final success over the two seeds: gain 0.03, beta 0.3.
+# Group tune-pull (2M): on mt3 the default's deficit comes from the KL's pull on mu, not from the
+# weight noise (README, mt3 at 3M); these runs ask whether mt3-tune shows the same with the noise
+# at the prior from the start (--sigma-init-ratio 1) and the pull removed or made 100x weaker; and
+# --prior-step prox at the default gain and beta (the pull applied after Adam's step, not inside it),
+# against tune-2m/varshare-g0.03-b0.3 and its seed 2.
 # Gains 0.06 and 0.03 keep the noise at the prior inside PPO's clip; the betas span the prior's pull
 # on mu, beta / (2 sigma_prior^2), from 4x to 0.5x of the L2Soft sweep's matched lambda (x3 at 0.12).
 set -euo pipefail
@@ -80,6 +85,10 @@ varshare-g0.06-b0.3|tune-2m|1|ppo_varshare.py --sigma-prior-gain 0.06 --beta 0.3
 varshare-g0.03-b0.03|tune-2m|1|ppo_varshare.py --sigma-prior-gain 0.03 --beta 0.03 --total-timesteps 2000000
 varshare-g0.03-b0.3-s2|tune-2m|2|ppo_varshare.py --sigma-prior-gain 0.03 --beta 0.3 --total-timesteps 2000000
 varshare-g0.03-b0.03-s2|tune-2m|2|ppo_varshare.py --sigma-prior-gain 0.03 --beta 0.03 --total-timesteps 2000000
+varshare-beta0-noise|tune-pull|1|ppo_varshare.py --beta 0 --sigma-init-ratio 1 --total-timesteps 2000000
+varshare-b0.003-noise|tune-pull|1|ppo_varshare.py --beta 0.003 --sigma-init-ratio 1 --total-timesteps 2000000
+varshare-prox|tune-pull|1|ppo_varshare.py --prior-step prox --total-timesteps 2000000
+varshare-prox-s2|tune-pull|2|ppo_varshare.py --prior-step prox --total-timesteps 2000000
 EOF
 )
 

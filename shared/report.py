@@ -20,6 +20,8 @@ own. Conventions:
   or ``learned`` adds nothing), so neither ever joins the one-hot row.
 - VarShare with ``--task-input onehot`` is "one-hot input" (joined by " + " to any ablation it
   also sets; a suffix ``onehot`` adds nothing), so it never joins VarShare's reference row.
+- VarShare (or L2Soft) with ``--prior-step prox`` is "prox step", joined the same way (a suffix
+  ``prox`` adds nothing).
 - The capacity-matched row is a shared-MTL run (``ppo_mtl_embed``) whose ``--run-name-suffix``
   contains ``wide`` (for example ``wide``; ``python -m shared.capacity`` gives the width); it is
   listed right after shared MTL.
@@ -233,6 +235,10 @@ def variant_of(args: dict) -> str:
         rest = variant_of({**args, "task_input": "none",
                            "run_name_suffix": "" if suffix.lower() in ("onehot", "one-hot") else suffix})
         return "one-hot input" + (f" + {rest}" if rest else "")
+    if args.get("algo") == "ppo_varshare" and args.get("prior_step", "gradient") == "prox":
+        rest = variant_of({**args, "prior_step": "gradient",
+                           "run_name_suffix": "" if suffix.lower() == "prox" else suffix})
+        return "prox step" + (f" + {rest}" if rest else "")
     if args.get("algo") == "ppo_varshare" and args.get("residual") == "l2":
         if suffix.lower() == "l2soft-tuned":
             return "L2Soft tuned"

@@ -525,3 +525,12 @@ def test_varshare_with_the_one_hot_input_is_a_row_of_its_own():
     assert report.variant_of({"algo": "ppo_varshare", "task_input": "onehot", "residual": "l2"}) \
         == "one-hot input + L2Soft"
     assert report.ablation_change("ppo_varshare", "one-hot input") is None  # not one of VarShare's ablations
+
+
+def test_varshare_with_the_prox_prior_step_is_a_row_of_its_own():
+    assert report.variant_of({"algo": "ppo_varshare", "prior_step": "gradient"}) == ""
+    assert report.variant_of({"algo": "ppo_varshare", "prior_step": "prox"}) == "prox step"
+    assert report.variant_of({"algo": "ppo_varshare", "prior_step": "prox", "run_name_suffix": "prox"}) == "prox step"
+    assert report.variant_of({"algo": "ppo_varshare", "prior_step": "prox", "residual": "l2"}) == "prox step + L2Soft"
+    assert report.variant_of({"algo": "ppo_varshare", "prior_step": "prox", "task_input": "onehot"}) \
+        == "one-hot input + prox step"

@@ -33,7 +33,7 @@ def make_layer(T=3, d_in=5, d_out=4, variational=True, residual_bias=False, seed
 
 def args_for(**overrides):
     base = dict(residual="variational", beta=1.0, l2_lambda=None, kl_scale="per-rollout", reg_grad_scale="rl-clip",
-                num_envs_per_task=2, num_steps=8, max_grad_norm=0.5)
+                num_envs_per_task=2, num_steps=8, max_grad_norm=0.5, prior_step="gradient")
     base.update(overrides)
     return types.SimpleNamespace(**base)
 
@@ -223,6 +223,60 @@ def test_large_beta_without_rl_signal_shrinks_mu_to_zero():
         vs.method_update(args, agent, opt, torch.zeros(agent.num_tasks, requires_grad=True), {})
     end = sum(layer.mu.abs().mean() for layer in agent.layers())
     assert end < 0.01 * start
+
+
+def linear_pull_run(mode, noise, steps=800, beta=50.0):
+    """Adam (the script's settings, lr 1e-2) on a loss linear in mu, sum(G * mu) with G fixed
+    (plus Gaussian noise), and the prior's pull: mu's stationary point is -G / k per entry.
+    Returns (relative error of the last 300 steps' mean, their mean step over |mu*|)."""
+    agent = tiny_agent()
+    torch.manual_seed(1)
+    G = [torch.randn_like(layer.mu) * 0.01 for layer in agent.layers()]
+    opt = vs.make_adam(agent.parameters(), 1e-2)
+    args = args_for(beta=beta, max_grad_norm=1e9, prior_step=mode)
+    history = []
+    for _ in range(steps):
+        grads = [g + noise * torch.randn_like(g) for g in G]
+        losses = sum((layer.mu * g).flatten(1).sum(1) for layer, g in zip(agent.layers(), grads, strict=True))
+        vs.method_update(args, agent, opt, losses * agent.num_tasks, {})  # the update takes the mean over tasks
+        history.append(torch.cat([layer.mu.detach().flatten() for layer in agent.layers()]))
+    target = torch.cat([(-g / vs.pull_curvature(args, agent, layer)).flatten()
+                        for layer, g in zip(agent.layers(), G, strict=True)])
+    tail = torch.stack(history[-300:])
+    error = float((tail.mean(0) - target).norm() / target.norm())
+    step = float((tail[1:] - tail[:-1]).norm(dim=1).mean() / target.norm())
+    return error, step
+
+
+def test_prox_prior_step_reaches_the_stationary_point_without_oscillating():
+    """--prior-step prox: the same stationary point as the pull's gradient in Adam, mu = -g / k.
+    With a noisy RL gradient (as every minibatch's is) the gradient form circles it in steps
+    several times |mu*| wide, because Adam normalises the stiff pull's gradient to full-size steps;
+    prox keeps mu's step a small fraction of |mu*| (what the flag is for)."""
+    error, step = linear_pull_run("prox", noise=0.0)
+    assert error < 1e-4 and step < 1e-4
+    error, step = linear_pull_run("prox", noise=0.01)
+    error_g, step_g = linear_pull_run("gradient", noise=0.01)
+    assert error < 0.15 and error_g < 0.15  # both about the same point on average ...
+    assert step_g > 1.0  # ... the gradient form by steps larger than the residual itself
+    assert step < 0.05 * step_g
+
+
+def test_prox_prior_step_leaves_theta_and_rho_as_the_gradient_form_does():
+    """Only mu's update changes under prox: theta and rho take the same step in both forms."""
+    after = {}
+    for mode in ("gradient", "prox"):
+        agent = tiny_agent()
+        with torch.no_grad():
+            for layer in agent.layers():
+                layer.mu.normal_(0, 0.05)
+        opt = vs.make_adam(agent.parameters(), 1e-3)
+        torch.manual_seed(3)
+        vs.method_update(args_for(beta=3.0, prior_step=mode), agent, opt, rl_loss(agent), {})
+        after[mode] = agent
+    for a, b in zip(after["gradient"].layers(), after["prox"].layers(), strict=True):
+        assert torch.equal(a.theta, b.theta) and torch.equal(a.rho, b.rho)
+        assert not torch.equal(a.mu, b.mu)
 
 
 def test_kl_gradient_is_added_after_clipping_and_never_touches_theta():
@@ -609,3 +663,39 @@ def test_one_hot_task_input_counts_and_smoke_run(tmp_path):
     assert summary["global_step"] == 2 * 5 * 2 * 64  # two iterations of five tasks
     saved = json.load(open(glob.glob(str(tmp_path / "*" / "args.json"))[0]))
     assert saved["task_input"] == "onehot"
+
+
+def test_step_split_tells_a_steady_walk_from_steps_that_cancel():
+    """benchmarks/varshare_step_split.py: theta moved the same way every step has net/path 1;
+    mu stepped back and forth has net/path 0 and a step ratio equal to the step sizes' ratio."""
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("step_split", REPO / "benchmarks" / "varshare_step_split.py")
+    split = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(split)
+    agent = tiny_agent()
+    recorder = split.StepSplit(horizon=2)
+
+    def update(args, agent, optimizer, task_losses, info):
+        sign = 1.0 if recorder.calls % 2 == 0 else -1.0
+        with torch.no_grad():
+            for layer in agent.layers():
+                layer.theta.add_(0.01)
+                layer.mu.add_(0.02 * sign)
+        return {}
+
+    wrapped = recorder.wrap(update)
+    args = types.SimpleNamespace(target_kl=None, update_epochs=2, num_minibatches=2)
+    for _ in range(16):  # four iterations of four steps
+        wrapped(args, agent, None, None, {})
+    assert len(recorder.records) == 4
+    last = recorder.records[-1]["actor0"]
+    theta_numel = agent.actor.layers[0].theta.numel()
+    assert last["net_theta"] == pytest.approx(last["path_theta"]) == pytest.approx(4 * 0.01 * theta_numel**0.5)
+    assert max(last["net_mu"]) < 1e-6 and last["long_net_mu"] == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert last["long_net_theta"] == pytest.approx(last["long_path_theta"])  # the last two iterations
+    assert last["step"] == pytest.approx([2.0, 2.0])  # per task: |d mu_t| / |d theta|, same shapes per row
+    lines = split.summarise(recorder.records, windows=1, horizon=2)
+    assert any(" actor0 " in line and "  1.000" in line for line in lines)
