@@ -25,7 +25,10 @@
 # weight noise (README, mt3 at 3M); these runs ask whether mt3-tune shows the same with the noise
 # at the prior from the start (--sigma-init-ratio 1) and the pull removed or made 100x weaker; and
 # --prior-step prox at the default gain and beta (the pull applied after Adam's step, not inside it),
-# against tune-2m/varshare-g0.03-b0.3 and its seed 2.
+# against tune-2m/varshare-g0.03-b0.3 and its seed 2. The rule, fixed before the prox runs ended:
+# prox becomes VarShare's Meta-World default if, over seeds 1-2, its final success is at least the
+# gradient form's (0.340), its push-wall training return in the last fifth at least the gradient
+# form's (825 and 1,227, mean 1,026), and its clip fraction within 1.5x shared MTL's throughout.
 # Gains 0.06 and 0.03 keep the noise at the prior inside PPO's clip; the betas span the prior's pull
 # on mu, beta / (2 sigma_prior^2), from 4x to 0.5x of the L2Soft sweep's matched lambda (x3 at 0.12).
 set -euo pipefail
