@@ -99,6 +99,7 @@ varshare-prox-s2|tune-pull|2|ppo_varshare.py --prior-step prox --total-timesteps
 varshare-prox-b0.03|tune-pull|1|ppo_varshare.py --prior-step prox --beta 0.03 --total-timesteps 2000000
 varshare-prox-b0.003|tune-pull|1|ppo_varshare.py --prior-step prox --beta 0.003 --total-timesteps 2000000
 varshare-prox-b0.0003|tune-pull|1|ppo_varshare.py --prior-step prox --beta 0.0003 --total-timesteps 2000000
+varshare-prox-b0.00003|tune-pull|1|ppo_varshare.py --prior-step prox --beta 0.00003 --total-timesteps 2000000
 EOF
 )
 
