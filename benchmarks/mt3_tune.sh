@@ -29,9 +29,8 @@
 # prox becomes VarShare's Meta-World default if, over seeds 1-2, its final success is at least the
 # gradient form's (0.340), its push-wall training return in the last fifth at least the gradient
 # form's (825 and 1,227, mean 1,026), and its clip fraction within 1.5x shared MTL's throughout.
-# Under prox, beta sets the residuals' size again (mu's stationary point is -E[g_RL] / k, k
-# proportional to beta, where Adam had normalised the pull's gradient away), so beta is swept
-# again under prox, at gain 0.03. At beta 0.3 prox held push-wall's residual at 0.0002 of theta
+# Under prox mu sits at its stationary point, -E[g_RL] / k with k proportional to beta, so beta is
+# swept again under prox, at gain 0.03. At beta 0.3 prox held push-wall's residual at 0.0002 of theta
 # (1M steps), a task-blind network in effect, so the sweep goes down: 0.003 and 0.0003 first.
 # Gains 0.06 and 0.03 keep the noise at the prior inside PPO's clip; the betas span the prior's pull
 # on mu, beta / (2 sigma_prior^2), from 4x to 0.5x of the L2Soft sweep's matched lambda (x3 at 0.12).
