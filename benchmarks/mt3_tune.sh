@@ -30,7 +30,8 @@
 # gradient form's (0.340), its push-wall training return in the last fifth at least the gradient
 # form's (825 and 1,227, mean 1,026), and its clip fraction within 1.5x shared MTL's throughout.
 # Under prox mu sits at its stationary point, -E[g_RL] / k with k proportional to beta, so beta is
-# swept again under prox, at gain 0.03. At beta 0.3 prox held push-wall's residual at 0.0002 of theta
+# swept again under prox, at gain 0.03. varshare-b0.0003 is the gradient form at the best prox beta
+# (is prox needed, or only a weaker pull?); the -s2 entries are seed 2 of the best two. At beta 0.3 prox held push-wall's residual at 0.0002 of theta
 # (1M steps), a task-blind network in effect, so the sweep goes down: 0.003 and 0.0003 first.
 # Gains 0.06 and 0.03 keep the noise at the prior inside PPO's clip; the betas span the prior's pull
 # on mu, beta / (2 sigma_prior^2), from 4x to 0.5x of the L2Soft sweep's matched lambda (x3 at 0.12).
@@ -99,6 +100,9 @@ varshare-prox-b0.03|tune-pull|1|ppo_varshare.py --prior-step prox --beta 0.03 --
 varshare-prox-b0.003|tune-pull|1|ppo_varshare.py --prior-step prox --beta 0.003 --total-timesteps 2000000
 varshare-prox-b0.0003|tune-pull|1|ppo_varshare.py --prior-step prox --beta 0.0003 --total-timesteps 2000000
 varshare-prox-b0.00003|tune-pull|1|ppo_varshare.py --prior-step prox --beta 0.00003 --total-timesteps 2000000
+varshare-b0.0003|tune-pull|1|ppo_varshare.py --beta 0.0003 --total-timesteps 2000000
+varshare-prox-b0.0003-s2|tune-pull|2|ppo_varshare.py --prior-step prox --beta 0.0003 --total-timesteps 2000000
+varshare-prox-b0.00003-s2|tune-pull|2|ppo_varshare.py --prior-step prox --beta 0.00003 --total-timesteps 2000000
 EOF
 )
 
