@@ -225,7 +225,7 @@ def test_large_beta_without_rl_signal_shrinks_mu_to_zero():
     assert end < 0.01 * start
 
 
-def linear_pull_run(mode, noise, steps=800, beta=50.0):
+def linear_pull_run(mode, noise, steps=800, beta=50.0, max_grad_norm=1e9):
     """Adam (the script's settings, lr 1e-2) on a loss linear in mu, sum(G * mu) with G fixed
     (plus Gaussian noise), and the prior's pull: mu's stationary point is -G / k per entry.
     Returns (relative error of the last 300 steps' mean, their mean step over |mu*|)."""
@@ -233,7 +233,7 @@ def linear_pull_run(mode, noise, steps=800, beta=50.0):
     torch.manual_seed(1)
     G = [torch.randn_like(layer.mu) * 0.01 for layer in agent.layers()]
     opt = vs.make_adam(agent.parameters(), 1e-2)
-    args = args_for(beta=beta, max_grad_norm=1e9, prior_step=mode)
+    args = args_for(beta=beta, max_grad_norm=max_grad_norm, prior_step=mode)
     history = []
     for _ in range(steps):
         grads = [g + noise * torch.randn_like(g) for g in G]
@@ -260,6 +260,13 @@ def test_prox_prior_step_reaches_the_stationary_point_without_oscillating():
     assert error < 0.15 and error_g < 0.15  # both about the same point on average ...
     assert step_g > 1.0  # ... the gradient form by steps larger than the residual itself
     assert step < 0.05 * step_g
+
+
+def test_prox_prior_step_keeps_the_stationary_point_when_the_rl_gradient_is_clipped():
+    """Under rl-clip Adam sees c * g_RL (c < 1 here, about 0.005), so the pull must be scaled by
+    the same c: mu's stationary point stays -g / k, not -c g / k."""
+    error, step = linear_pull_run("prox", noise=0.0, max_grad_norm=1e-3)
+    assert error < 1e-3 and step < 1e-3
 
 
 def test_prox_prior_step_leaves_theta_and_rho_as_the_gradient_form_does():
