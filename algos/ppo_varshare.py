@@ -808,6 +808,10 @@ def make_agent(args: Args, suite, obs_dim: int, act_dim: int, discrete: bool) ->
         args.beta = kind_defaults["beta"]
     if args.sigma_prior_gain is None and args.prior_scaling == "fan-in":
         args.sigma_prior_gain = kind_defaults["sigma_prior_gain"]
+    no_pull = args.l2_lambda == 0 if args.l2_lambda is not None else args.beta == 0
+    if getattr(args, "prior_step", "gradient") == "prox" and no_pull:
+        raise UsageError("--prior-step prox changes how the prior's pull on mu is applied, and with a zero "
+                         "--beta (or --l2-lambda) there is no pull: drop --prior-step prox")
 
     def prior(fan_in: int) -> tuple[float, float]:
         sigma_prior = layer_prior_std(args, fan_in)

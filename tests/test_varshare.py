@@ -497,6 +497,20 @@ def test_l2_refuses_flags_that_need_weight_noise():
     assert vs.make_agent(args, suite, 3, 2, True).variational is False
 
 
+def test_prox_with_no_pull_is_refused_rather_than_silently_equal_to_the_gradient_form():
+    from shared.cli import UsageError
+
+    base = dict(residual="variational", estimator="flipout", rollout_weights="mean", eval_sample_weights=0,
+                l2_lambda=None, prior_scaling="fan-in", sigma_prior=None, sigma_prior_gain=None,
+                sigma_init_ratio=vs.Args.sigma_init_ratio, hidden_sizes=(4,), residual_bias=False,
+                task_input="none", prior_step="prox")
+    suite = types.SimpleNamespace(num_tasks=2)
+    for extra in (dict(beta=0.0), dict(residual="l2", beta=0.0), dict(residual="l2", beta=None, l2_lambda=0.0)):
+        with pytest.raises(UsageError, match="there is no pull: drop --prior-step prox"):
+            vs.make_agent(types.SimpleNamespace(**{**base, **extra}), suite, 3, 2, True)
+    assert vs.make_agent(types.SimpleNamespace(**{**base, "beta": 0.3}), suite, 3, 2, True).variational
+
+
 @pytest.mark.parametrize("residual", ["variational", "l2"])
 @pytest.mark.parametrize("kl_scale", ["per-rollout", "sum", "per-param"])
 def test_closed_form_regularizer_gradient_equals_autograd(residual, kl_scale):
