@@ -186,6 +186,9 @@ class PPOArgs:
     """episodes per task in periodic evaluations (default: suite table)"""
     final_eval_episodes: Optional[int] = None
     """episodes per task in the final evaluation (default: suite table; 50 = one per goal on Meta-World)"""
+    eval_sampled: bool = True
+    """every evaluation runs a second pass with actions sampled from the policy (the reported score stays
+    the deterministic one; the pass is logged as eval.jsonl label "sampled" and summary.json "sampled")"""
 
 
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
@@ -609,7 +612,14 @@ def main(args) -> dict:
             actions = agent.act_deterministic(obs_t, eval_task_ids)  # [T, n, ...]
             return actions.reshape(T * obs_np.shape[1], *action_shape).cpu().numpy()
 
-    def run_evaluation(eval_env, episodes: int, step: int, final: bool, label: str = "") -> dict:
+    def sampled_policy(obs_np: np.ndarray) -> np.ndarray:  # actions drawn as in a training rollout
+        obs_t = torch.as_tensor(obs_np, device=device)
+        eval_task_ids = torch.arange(T, device=device)[:, None].expand(T, obs_np.shape[1])
+        with torch.inference_mode():
+            actions = agent.get_action_and_value(obs_t, eval_task_ids)[0]  # [T, n, ...]
+            return actions.reshape(T * obs_np.shape[1], *action_shape).cpu().numpy()
+
+    def run_evaluation(eval_env, episodes: int, step: int, final: bool, label: str = "", sampled_env=None) -> dict:
         # One pass with the deterministic policy; VarShare's --eval-sample-weights N makes this N
         # passes, each with its own weight sample (drawn on entering eval mode), averaged.
         passes = []
@@ -627,15 +637,34 @@ def main(args) -> dict:
         print(f"step {step}: eval{' ' + label if label else ''} success {result['success'].mean():.3f} "
               f"return {result['return'].mean():.1f} "
               + " ".join(f"{n}={r:.1f}" for n, r in zip(suite.task_names, result["return"], strict=True)))
+        if args.eval_sampled and not label:
+            # The same episodes with sampled actions. Its own seeded RNG stream: training draws
+            # the same numbers with or without this pass.
+            agent.eval()
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(args.seed * 1_000_003 + step)
+                sampled = evaluate(sampled_policy, sampled_env or eval_env, T, obs_normalizer, episodes,
+                                   suite.success_return, env_seed(args.seed, evaluation=True))
+            agent.train()
+            logger.eval({**sampled, "label": "sampled"}, step, final=final)
+            print(f"step {step}: eval sampled success {sampled['success'].mean():.3f} "
+                  f"return {sampled['return'].mean():.1f}")
+            result["sampled"] = sampled
         return result
 
     def final_evaluation(label: str = "") -> dict:
-        # A fresh env, so that Meta-World's 50 episodes visit each of the task's 50 goals once.
+        # Fresh envs, so that Meta-World's 50 episodes visit each of the task's 50 goals once, in
+        # both the deterministic and the sampled pass.
         final_envs, _ = make_vector_env(suite, 1, args.seed, args.async_envs, evaluation=True)
+        sampled_envs = (make_vector_env(suite, 1, args.seed, args.async_envs, evaluation=True)[0]
+                        if args.eval_sampled and not label else None)
         try:
-            return run_evaluation(final_envs, args.final_eval_episodes, global_step, final=True, label=label)
+            return run_evaluation(final_envs, args.final_eval_episodes, global_step, final=True, label=label,
+                                  sampled_env=sampled_envs)
         finally:
             final_envs.close()
+            if sampled_envs is not None:
+                sampled_envs.close()
 
     global_step, start_time, next_eval, first_iteration = 0, time.time(), args.eval_every, 1
     if resumed:  # episodes in progress at the checkpoint are not restored: the envs start afresh

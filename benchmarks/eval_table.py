@@ -1,5 +1,6 @@
 """The README's learning-curve tables: one markdown block per run, success per task at each periodic
-evaluation, then the final evaluation and the wall time.
+evaluation, then the final evaluation and the wall time; a run with --eval-sampled (the default)
+adds a row of mean success with sampled actions.
 
     .venv/bin/python benchmarks/eval_table.py RUN_DIR [RUN_DIR...]
 
@@ -36,14 +37,16 @@ def steps_label(step: int) -> str:
 def table(run_dir: str) -> str:
     with open(os.path.join(run_dir, "args.json")) as f:
         args = json.load(f)
-    periodic = {}
+    periodic, sampled = {}, {}
     eval_path = os.path.join(run_dir, "eval.jsonl")
     if os.path.exists(eval_path):
         with open(eval_path) as f:
             for line in f:
                 entry = json.loads(line)
-                if not entry["final"] and entry.get("label", "") != "zero-shot":
+                if not entry["final"] and not entry.get("label"):
                     periodic[entry["global_step"]] = entry
+                elif not entry["final"] and entry.get("label") == "sampled":
+                    sampled[entry["global_step"]] = entry
     summary_path = os.path.join(run_dir, "summary.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else None
     steps = sorted(periodic)
@@ -59,6 +62,10 @@ def table(run_dir: str) -> str:
     means = [f"{periodic[s]['success_rate']:.2f}" for s in steps]
     final = f"**{summary['final_success_rate']:.3f}**" if summary else "unfinished"
     rows.append("| mean | " + " | ".join([*means, final]) + " |")
+    if sampled:  # --eval-sampled: the same evaluations with sampled actions
+        cells = [f"{sampled[s]['success_rate']:.2f}" if s in sampled else "-" for s in steps]
+        final = f"{summary['sampled']['final_success_rate']:.3f}" if summary and "sampled" in summary else "-"
+        rows.append("| mean, sampled actions | " + " | ".join([*cells, final]) + " |")
     if summary:
         rows.append(f"wall {summary['wall_time_s'] / 60:.0f} min, {summary['global_step']:,} steps")
     return "\n".join(rows)

@@ -770,6 +770,16 @@ def suite_section(suite: str, suite_rows: list[Row], budget: int, out_dir: str) 
         if row.tasks == tasks:
             per_task = [fmt(iqm(row.scores[:, j]), metric) for j in range(len(tasks))]
             lines.append(f"| {row.label} | " + " | ".join(per_task) + " |")
+    sampled = [(row, np.array([[float(run.summary["sampled"]["per_task"][t][metric]) for t in tasks]
+                               for run in row.runs]))
+               for row in suite_rows if row.tasks == tasks and all("sampled" in run.summary for run in row.runs)]
+    if sampled:
+        lines += ["", "The same final evaluation with actions sampled from the policy (--eval-sampled; a "
+                      "diagnostic: the score above is the deterministic policy's), IQM over runs:", "",
+                  "| method | all tasks | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+        for row, scores in sampled:
+            per_task = [fmt(iqm(scores[:, j]), metric) for j in range(len(tasks))]
+            lines.append(f"| {row.label} | {fmt(iqm(scores), metric)} | " + " | ".join(per_task) + " |")
     tables = [(row, *table) for row in suite_rows if row.method == "ppo_varshare"
               for table in [residual_ratio_table(row)] if table is not None]
     if tables:

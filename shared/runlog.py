@@ -69,6 +69,10 @@ def wandb_summary(summary: dict) -> dict:
     for task, result in summary["per_task"].items():
         flat[f"final/{task}/success_rate"] = result["success_rate"]
         flat[f"final/{task}/return"] = result["return"]
+    if "sampled" in summary:
+        flat["final_sampled/success_rate"] = summary["sampled"]["final_success_rate"]
+        for task, result in summary["sampled"]["per_task"].items():
+            flat[f"final_sampled/{task}/success_rate"] = result["success_rate"]
     flat.update({f"params/{name}": count for name, count in summary["parameter_counts"].items()})
     return {key: _jsonable(value) for key, value in flat.items()}
 
@@ -172,11 +176,13 @@ class RunLogger:
     def eval(self, result: dict, step: int, final: bool = False) -> None:
         """Log one evaluation: tensorboard (eval/...) and a line of eval.jsonl."""
         success, ret = result["success"], result["return"]
-        self.scalar("eval/success_rate", success.mean(), step)
-        self.scalar("eval/return", ret.mean(), step)
+        # A labelled evaluation (sampled, zero-shot, pruned@...) has tags of its own: eval_<label>/...
+        tag = f"eval_{result['label']}" if result.get("label") else "eval"
+        self.scalar(f"{tag}/success_rate", success.mean(), step)
+        self.scalar(f"{tag}/return", ret.mean(), step)
         for name, s, r in zip(self.task_names, success, ret, strict=True):
-            self.scalar(f"eval/{name}/success_rate", s, step)
-            self.scalar(f"eval/{name}/return", r, step)
+            self.scalar(f"{tag}/{name}/success_rate", s, step)
+            self.scalar(f"{tag}/{name}/return", r, step)
         line = {
             "label": result.get("label", ""),
             "global_step": int(step),
@@ -189,7 +195,7 @@ class RunLogger:
                          for n, s, r in zip(self.task_names, success, ret, strict=True)},
         }
         for key, value in result.items():
-            if key not in ("success", "return", "episodes_per_task", "label"):
+            if key not in ("success", "return", "episodes_per_task", "label", "sampled"):
                 line[key] = _jsonable(value)
         with open(os.path.join(self.dir, "eval.jsonl"), "a") as f:
             f.write(json.dumps(line) + "\n")
@@ -211,6 +217,14 @@ class RunLogger:
             "peak_memory_mb": peak_memory_mb(device),
             **(extra or {}),
         }
+        if "sampled" in final_eval:  # the final evaluation's pass with sampled actions (--eval-sampled)
+            sampled = final_eval["sampled"]
+            summary["sampled"] = {
+                "final_success_rate": float(sampled["success"].mean()),
+                "final_return": float(sampled["return"].mean()),
+                "per_task": {n: {"success_rate": float(s), "return": float(r)} for n, s, r in
+                             zip(self.task_names, sampled["success"], sampled["return"], strict=True)},
+            }
         with open(os.path.join(self.dir, "summary.json"), "w") as f:
             json.dump({k: _jsonable(v) for k, v in summary.items()}, f, indent=2)
         if self.wandb is not None:

@@ -1,6 +1,7 @@
 """Every script, through main() on a two-task CartPole suite: two runs with one seed are
 bit-identical (parameters, optimiser, normalisers, eval.jsonl numbers, summary); another seed
-gives other parameters; and each run directory holds exactly what a correct short run must show.
+gives other parameters; each run directory holds exactly what a correct short run must show; and
+the evaluation pass with sampled actions (--eval-sampled, on by default) leaves training untouched.
 
 Budget: 3 iterations of 2 tasks x 2 envs x 16 steps (64 env steps each), evaluations every 128
 steps: after iteration 2 (step 128), after the last iteration (192) and the final one (192).
@@ -23,17 +24,18 @@ TASKS = ["standard", "long-pole"]
 TOTAL, EVERY = 192, 128
 NOT_REPRODUCIBLE = {"wall_time", "wall_time_s", "perf", "peak_memory_mb"}  # clocks and memory
 SUMMARY_KEYS = {"algo", "device", "final_episodes_per_task", "final_return", "final_success_rate", "global_step",
-                "parameter_counts", "peak_memory_mb", "per_task", "perf", "task_names", "wall_time_s"}
+                "parameter_counts", "peak_memory_mb", "per_task", "perf", "sampled", "task_names", "wall_time_s"}
 METHOD_SUMMARY_KEYS = {"ppo_varshare": {"residual_ratios"}}  # what a method adds to summary.json
 EVAL_KEYS = {"label", "global_step", "wall_time", "final", "episodes_per_task", "success_rate", "return", "per_task",
              "passes"}
 
 
-def run(script: str, seed: int, runs_dir: Path) -> Path:
+def run(script: str, seed: int, runs_dir: Path, eval_sampled: bool = True) -> Path:
     module = load_script(script)
     args = module.Args(env_id="cartpole-mt", tasks=TASKS, seed=seed, total_timesteps=TOTAL, num_envs_per_task=2,
                        num_steps=16, num_minibatches=2, update_epochs=2, hidden_sizes=(8, 8), eval_every=EVERY,
-                       eval_episodes=1, final_eval_episodes=2, runs_dir=str(runs_dir), cuda=False)
+                       eval_episodes=1, final_eval_episodes=2, runs_dir=str(runs_dir), cuda=False,
+                       eval_sampled=eval_sampled)
     module.main(args)
     (run_dir,) = runs_dir.iterdir()
     return run_dir
@@ -41,9 +43,10 @@ def run(script: str, seed: int, runs_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Per script: run directories of seed 1, seed 1 again, and seed 2."""
+    """Per script: run directories of seed 1, seed 1 again, seed 2, and seed 1 with --no-eval-sampled."""
     root = tmp_path_factory.mktemp("determinism")
-    return {script: [run(script, seed, root / f"{script}-{i}") for i, seed in enumerate((1, 1, 2))]
+    return {script: [run(script, seed, root / f"{script}-{i}", eval_sampled=i < 3)
+                     for i, seed in enumerate((1, 1, 2, 1))]
             for script in SCRIPTS}
 
 
@@ -79,7 +82,7 @@ def assert_same_tree(a, b, where: str) -> None:
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_two_runs_with_one_seed_are_bit_identical(runs, script):
-    first, second, _ = runs[script]
+    first, second, *_ = runs[script]
     a, b = checkpoint(first), checkpoint(second)
     for part in ("agent", "optimizer", "obs_normalizer", "reward_scaler", "global_step"):
         assert_same_tree(a[part], b[part], part)
@@ -90,7 +93,7 @@ def test_two_runs_with_one_seed_are_bit_identical(runs, script):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_another_seed_gives_other_parameters_and_observations(runs, script):
-    first, _, other = runs[script]
+    first, _, other, _ = runs[script]
     a, b = checkpoint(first), checkpoint(other)
     assert any(not torch.equal(a["agent"][name], b["agent"][name]) for name in a["agent"])
     assert (a["obs_normalizer"]["rms"]["mean"] != b["obs_normalizer"]["rms"]["mean"]).all()
@@ -111,10 +114,15 @@ def test_run_directory_holds_what_a_short_run_must_show(runs, script):
         1e-3, 0.99, 0.95, 0.2, True)
 
     lines = eval_lines(run_dir)
-    assert [(line["global_step"], line["final"], line["episodes_per_task"]) for line in lines] == [
-        (128, False, 1), (192, False, 1), (192, True, 2)]
+    # each evaluation, then its pass with sampled actions
+    assert [(line["global_step"], line["final"], line["episodes_per_task"], line["label"]) for line in lines] == [
+        (128, False, 1, ""), (128, False, 1, "sampled"), (192, False, 1, ""), (192, False, 1, "sampled"),
+        (192, True, 2, ""), (192, True, 2, "sampled")]
     for line in lines:
-        assert set(line) == EVAL_KEYS and line["passes"] == 1 and line["label"] == ""
+        if line["label"] == "":
+            assert set(line) == EVAL_KEYS and line["passes"] == 1
+        else:
+            assert set(line) == EVAL_KEYS - {"passes"}
         assert list(line["per_task"]) == TASKS
         n = line["episodes_per_task"]
         for result in line["per_task"].values():
@@ -134,8 +142,10 @@ def test_run_directory_holds_what_a_short_run_must_show(runs, script):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary) == SUMMARY_KEYS | METHOD_SUMMARY_KEYS.get(script, set())
     assert summary["algo"] == script and summary["global_step"] == TOTAL and summary["task_names"] == TASKS
-    assert summary["per_task"] == lines[-1]["per_task"] and summary["final_episodes_per_task"] == 2
-    assert (summary["final_return"], summary["final_success_rate"]) == (lines[-1]["return"], lines[-1]["success_rate"])
+    assert summary["per_task"] == lines[-2]["per_task"] and summary["final_episodes_per_task"] == 2
+    assert (summary["final_return"], summary["final_success_rate"]) == (lines[-2]["return"], lines[-2]["success_rate"])
+    assert summary["sampled"] == {"final_success_rate": lines[-1]["success_rate"], "final_return": lines[-1]["return"],
+                                  "per_task": lines[-1]["per_task"]}
     assert summary["perf"]["iterations_measured"] == 2  # three iterations, the first one skipped as warm-up
 
     state = checkpoint(run_dir)
@@ -147,3 +157,26 @@ def test_run_directory_holds_what_a_short_run_must_show(runs, script):
     # one count per task, of its own 2 envs)
     rows_counted = (1 + 3 * 16) * (2 if script == "ppo_single" else 4)
     assert state["obs_normalizer"]["rms"]["count"] == pytest.approx(1e-4 + rows_counted)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_sampled_evaluation_pass_leaves_training_untouched(runs, script):
+    """--no-eval-sampled drops the sampled pass and nothing else: parameters, optimiser, normalisers
+    and the deterministic evaluations are bit-identical (the pass draws from an RNG of its own)."""
+    with_pass, without = runs[script][0], runs[script][3]
+    a, b = checkpoint(with_pass), checkpoint(without)
+    for part in ("agent", "optimizer", "obs_normalizer", "reward_scaler", "global_step", "rng"):
+        assert_same_tree(a[part], b[part], part)
+    deterministic = [reproducible(line) for line in eval_lines(with_pass) if line["label"] == ""]
+    assert deterministic == [reproducible(line) for line in eval_lines(without)]
+    assert "sampled" not in json.loads((without / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_sampled_pass_samples(runs, script):
+    """Both passes of an evaluation start from the same seeded CartPole states, so a pass that
+    secretly acted with the mode would repeat the deterministic returns exactly."""
+    lines = eval_lines(runs[script][0])
+    pairs = [(lines[i], lines[i + 1]) for i in range(0, len(lines), 2)]
+    assert all(s["label"] == "sampled" and s["global_step"] == d["global_step"] for d, s in pairs)
+    assert any(d["per_task"] != s["per_task"] for d, s in pairs), pairs

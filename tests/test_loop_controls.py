@@ -116,7 +116,9 @@ def test_non_finite_parameter_exits_3_and_keeps_the_last_good_checkpoint(tmp_pat
     assert err == (f"error: training diverged: parameter '{good['poisoned']}' is not finite after the update of "
                    f"iteration 3 (step {3 * BATCH}); the last good checkpoint is {run_dir / 'checkpoint.pt'}")
     lines = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
-    assert [line["global_step"] for line in lines] == [BATCH, 2 * BATCH]  # no evaluation of the diverged agent
+    # no evaluation of the diverged agent (each evaluation: the deterministic pass, then the sampled one)
+    assert [(line["global_step"], line["label"]) for line in lines] == [
+        (BATCH, ""), (BATCH, "sampled"), (2 * BATCH, ""), (2 * BATCH, "sampled")]
     assert not (run_dir / "summary.json").exists()
 
 
@@ -145,7 +147,8 @@ def test_oracle_task_flag_trains_one_task_on_total_over_t(tmp_path, monkeypatch)
     recorded = json.loads((run_dir / "args.json").read_text())
     assert recorded["total_timesteps"] == 96 and recorded["task"] == "heavy-cart"
     lines = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
-    assert [(line["global_step"], line["final"]) for line in lines] == [(64, False), (96, False), (96, True)]
+    assert [(line["global_step"], line["final"]) for line in lines if not line["label"]] == [
+        (64, False), (96, False), (96, True)]
 
 
 @pytest.mark.parametrize("name", ["ppo_single", "ppo_mtl_embed", "ppo_varshare", "ppo_paco", "ppo_softmod",

@@ -110,8 +110,8 @@ def install_probes(module, monkeypatch, fake_values: bool):
     calls, the evaluation policy's inputs, GAE's inputs and outputs, every minibatch, and the
     normalisers the loop builds."""
     monkeypatch.setitem(suites.MULTITASK_SUITES, "drift-mt", drift_suite)
-    seen = dict(train_envs=[], eval_envs=[], rollout=[], evaluation=[], gae=[], minibatches=[], obs_normalizers=[],
-                reward_scalers=[])
+    seen = dict(train_envs=[], eval_envs=[], rollout=[], evaluation=[], sampled_evaluation=[], gae=[], minibatches=[],
+                obs_normalizers=[], reward_scalers=[])
 
     real_make_vector_env = module.make_vector_env
 
@@ -153,8 +153,8 @@ def install_probes(module, monkeypatch, fake_values: bool):
         action, logprob, entropy, value = real_action_and_value(self, obs, task_ids, action)
         if fake_values:
             value = fake_value(obs) + 0.0 * value  # keeps the critic in the graph (zero gradient)
-        if torch.is_inference_mode_enabled():
-            seen["rollout"].append(dict(obs=obs.clone(), action=action.clone(), logprob=logprob.clone(),
+        if torch.is_inference_mode_enabled():  # a rollout step (train mode) or the sampled evaluation pass
+            seen["rollout" if self.training else "sampled_evaluation"].append(dict(obs=obs.clone(), action=action.clone(), logprob=logprob.clone(),
                                         value=value.clone()))
         return action, logprob, entropy, value
 
@@ -184,7 +184,10 @@ def install_probes(module, monkeypatch, fake_values: bool):
 def drift_args(module, tmp_path, **overrides):
     values = dict(env_id="drift-mt", total_timesteps=3 * T * K * S, num_envs_per_task=K, num_steps=S,
                   num_minibatches=2, update_epochs=2, gamma=GAMMA, gae_lambda=0.8, hidden_sizes=(8,),
-                  eval_every=T * K * S, eval_episodes=2, final_eval_episodes=2, runs_dir=str(tmp_path), cuda=False)
+                  eval_every=T * K * S, eval_episodes=2, final_eval_episodes=2, runs_dir=str(tmp_path), cuda=False,
+                  # the replay below follows the deterministic evaluation's episodes; the sampled pass
+                  # (tests/test_determinism.py) would interleave its own on the same envs
+                  eval_sampled=False)
     values.update(overrides)
     return module.Args(**values)
 

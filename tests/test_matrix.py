@@ -229,8 +229,10 @@ def test_local_matrix_runs_reruns_and_resumes_then_writes_the_report(tmp_path):
     record = json.loads(open(os.path.join(jobs[1].dir, "job.json")).read())
     assert [(a["action"], a["exit_code"]) for a in record["attempts"]] == [("start", 0), ("resume", 0)]
     assert record["attempts"][1]["run_dir"] == interrupted
-    steps = [json.loads(line)["global_step"] for line in open(os.path.join(interrupted, "eval.jsonl"))]
-    assert steps == [ITERATION, 2 * ITERATION, 3 * ITERATION, 3 * ITERATION]  # each once, then the final one
+    lines = [json.loads(line) for line in open(os.path.join(interrupted, "eval.jsonl"))]
+    for label in ("", "sampled"):  # each evaluation once, then the final one; its sampled pass likewise
+        steps = [line["global_step"] for line in lines if line["label"] == label]
+        assert steps == [ITERATION, 2 * ITERATION, 3 * ITERATION, 3 * ITERATION], label
 
     split = args.index("--")
     status = run_matrix(*args[:split], "--status", *args[split:])

@@ -70,7 +70,7 @@ def test_every_row_keeps_its_colour_and_the_baselines_differ():
 # A report from synthetic runs
 # ----------------------------------------------------------------------------------------------
 def write_run(root, name, env_id, algo, seed, values, tasks, *, budget=1000, suffix="", residual=None,
-              finished=True, curve=(), ratios=None, metric="success_rate"):
+              finished=True, curve=(), ratios=None, metric="success_rate", sampled=None):
     """One run directory as the scripts write it: ``values`` are the final per-task scores of
     ``metric``, ``curve`` the periodic evaluations as (step, per-task scores)."""
     run = root / name
@@ -97,6 +97,8 @@ def write_run(root, name, env_id, algo, seed, values, tasks, *, budget=1000, suf
                    "parameter_counts": {"total": 9000 + seed % 2, "active": 700, "trained_per_task": 800}}
         if ratios is not None:
             summary["residual_ratios"] = ratios
+        if sampled is not None:  # --eval-sampled: the final evaluation's pass with sampled actions
+            summary["sampled"] = {"per_task": per_task(sampled, -99.0)}
         (run / "summary.json").write_text(json.dumps(summary))
     return run
 
@@ -534,3 +536,21 @@ def test_varshare_with_the_prox_prior_step_is_a_row_of_its_own():
     assert report.variant_of({"algo": "ppo_varshare", "prior_step": "prox", "residual": "l2"}) == "prox step + L2Soft"
     assert report.variant_of({"algo": "ppo_varshare", "prior_step": "prox", "task_input": "onehot"}) \
         == "one-hot input + prox step"
+
+
+def test_sampled_action_scores_get_a_table_of_their_own_where_every_run_has_them(tmp_path):
+    """The deterministic score stays the rows' score; the sampled pass is a separate table, with a row
+    only for methods whose runs all logged it (runs from before --eval-sampled have none)."""
+    root = tmp_path / "runs"
+    sampled = {1: [1.0, 0.6, 0.0], 2: [1.0, 0.7, 0.1], 3: [0.9, 0.6, 0.0]}  # IQM of the 9 (2 cut each end): 0.580
+    for seed in (1, 2, 3):
+        write_run(root, f"mt3__ppo_mtl_embed__{seed}", "mt3", "ppo_mtl_embed", seed, MTL_MT3[seed], MT3,
+                  sampled=sampled[seed])
+        write_run(root, f"mt3__ppo_varshare__{seed}", "mt3", "ppo_varshare", seed, VARSHARE_MT3[seed], MT3,
+                  residual="variational", sampled=sampled[seed] if seed != 2 else None)
+    text = open(report.build_report(str(root), str(tmp_path / "out"), reps=100, seed=0)).read()
+    assert table_row(text, "shared MTL")[4].startswith("0.40")  # the score is still the deterministic one
+    table = text[text.index("with actions sampled from the policy"):].split("\n\n")[1]  # heading, table
+    row = table_row(table, "shared MTL")
+    assert row[1:] == ["0.580", "0.967", "0.633", "0.033"], row  # IQM over all tasks, then per task (3 runs: means)
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["shared MTL"]  # VarShare: no row

@@ -65,10 +65,11 @@ def test_sigkill_then_resume_finishes_the_budget_with_each_evaluation_once(tmp_p
     assert [p.name for p in runs.iterdir()] == [run_dir.name], "resume must not start a second run directory"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_step"] == 10 * ITERATION
-    lines = eval_lines(run_dir)
-    periodic = [line["global_step"] for line in lines if not line["final"]]
-    assert periodic == [3 * ITERATION, 6 * ITERATION, 9 * ITERATION, 10 * ITERATION]
-    assert [line["global_step"] for line in lines if line["final"]] == [10 * ITERATION]
+    for label in ("", "sampled"):  # each evaluation once, and its sampled pass once
+        lines = [line for line in eval_lines(run_dir) if line["label"] == label]
+        periodic = [line["global_step"] for line in lines if not line["final"]]
+        assert periodic == [3 * ITERATION, 6 * ITERATION, 9 * ITERATION, 10 * ITERATION], label
+        assert [line["global_step"] for line in lines if line["final"]] == [10 * ITERATION], label
     assert (run_dir / "args.json").read_text() == args_before, "the run keeps the flags it started with"
     assert checkpoint_step(run_dir) == 10 * ITERATION
 

@@ -212,8 +212,10 @@ def test_a_toy_matrix_runs_through_slurm_and_a_requeued_task_resumes(slurm, tmp_
     # The requeued run resumed in its own directory: its flags unchanged, each evaluation once.
     assert matrix.run_directories(target) == [run_dir]
     assert Path(run_dir, "args.json").read_text() == args_before
-    steps = [json.loads(line)["global_step"] for line in Path(run_dir, "eval.jsonl").read_text().splitlines()]
-    assert steps == [40 * ITERATION, 80 * ITERATION, 120 * ITERATION, BUDGET, BUDGET], steps
+    lines = [json.loads(line) for line in Path(run_dir, "eval.jsonl").read_text().splitlines()]
+    for label in ("", "sampled"):  # each evaluation (and its sampled pass) once
+        steps = [line["global_step"] for line in lines if line["label"] == label]
+        assert steps == [40 * ITERATION, 80 * ITERATION, 120 * ITERATION, BUDGET, BUDGET], (label, steps)
     attempts = json.loads(Path(target.dir, "job.json").read_text())["attempts"]
     assert [(a["action"], a["slurm_task"], a["restart_count"]) for a in attempts] == [
         ("start", task, 0), ("resume", task, 1)], attempts

@@ -56,7 +56,7 @@ def runs(request, tmp_path_factory):
 
 
 SUMMARY_KEYS = {"algo", "device", "final_episodes_per_task", "final_return", "final_success_rate", "global_step",
-                "parameter_counts", "peak_memory_mb", "per_task", "perf", "task_names", "wall_time_s"}
+                "parameter_counts", "peak_memory_mb", "per_task", "perf", "sampled", "task_names", "wall_time_s"}
 EVAL_KEYS = {"label", "global_step", "wall_time", "final", "episodes_per_task", "success_rate", "return", "per_task",
              "passes"}
 
@@ -93,11 +93,15 @@ def finished_run(runs, name: str) -> Path:
     assert all(args[field] is not None for field in ("num_envs_per_task", "learning_rate", "gamma", "hidden_sizes"))
 
     lines = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    # every evaluation is followed by its pass with sampled actions (--eval-sampled)
+    sampled, lines = lines[1::2], lines[0::2]
     periodic = list(range(every, total + 1, every))
     assert [line["global_step"] for line in lines] == periodic + [total]
     assert [line["final"] for line in lines] == [False] * len(periodic) + [True]
-    for line in lines:
-        assert set(line) == EVAL_KEYS
+    assert [(line["label"], line["global_step"], line["final"]) for line in sampled] == [
+        ("sampled", line["global_step"], line["final"]) for line in lines]
+    for line in lines + sampled:
+        assert set(line) == (EVAL_KEYS if line in lines else EVAL_KEYS - {"passes"})
         assert list(line["per_task"]) == task_names
         for result in line["per_task"].values():
             check_one_episode_result(env_id, result)
@@ -114,6 +118,7 @@ def finished_run(runs, name: str) -> Path:
     assert summary["per_task"] == lines[-1]["per_task"]
     assert (summary["final_return"], summary["final_success_rate"]) == (lines[-1]["return"], lines[-1]["success_rate"])
     assert summary["final_episodes_per_task"] == 1
+    assert summary["sampled"]["per_task"] == sampled[-1]["per_task"]
 
     events = list(run_dir.glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 0
@@ -146,6 +151,7 @@ def test_ppo_single_on_cartpole(runs):
         assert tag in tags, f"{tag} not logged; have {sorted(tags)}"
     assert [e.step for e in acc.Scalars("charts/SPS")] == [64, 128]  # one point per iteration
     assert [e.step for e in acc.Scalars("eval/success_rate")] == [64, 128, 128]  # two evaluations, then the final
+    assert [e.step for e in acc.Scalars("eval_sampled/success_rate")] == [64, 128, 128]  # their sampled passes
 
 
 def test_ppo_single_on_cartpole_mt(runs):
@@ -196,4 +202,5 @@ def test_tracked_run_works_with_wandb_offline(runs):
     assert summary["final/return"] == pytest.approx(expected["final_return"])
     task = expected["per_task"]["CartPole-v1"]
     assert summary["final/CartPole-v1/success_rate"] == pytest.approx(task["success_rate"])
+    assert summary["final_sampled/success_rate"] == pytest.approx(expected["sampled"]["final_success_rate"])
     assert summary["global_step"] == 64

@@ -439,7 +439,8 @@ def test_sampled_weight_runs_train_and_evaluate_end_to_end(tmp_path):
     assert summary["global_step"] == 3 * 5 * 2 * 64
     assert all(math.isfinite(task["return"]) for task in summary["per_task"].values())
     evals = [json.loads(line) for path in glob.glob(str(tmp_path / "*" / "eval.jsonl")) for line in open(path)]
-    assert len(evals) >= 3 and all(e["passes"] == 2 for e in evals)  # every evaluation: two weight samples
+    deterministic = [e for e in evals if not e["label"]]
+    assert len(deterministic) >= 3 and all(e["passes"] == 2 for e in deterministic)  # each: two weight samples
     assert set(summary["residual_ratios"]) == set(summary["task_names"])  # the report's heatmap input
 
 
