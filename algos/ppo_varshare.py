@@ -34,7 +34,8 @@ Decisions (each a flag; default first):
   absolute value chosen on the 64-wide toy suites). --prior-scaling absolute --sigma-prior s gives
   every layer s (the earlier behaviour at s = 0.03). The initial sigma is --sigma-init-ratio
   (1/30) times the layer's prior std; args.json records the per-layer values
-  (sigma_prior_per_layer). --beta 1 on the toy suites, 0.3 on Meta-World (mt3-tune).
+  (sigma_prior_per_layer). --beta 1 on the toy suites, 0.0003 on Meta-World (mt3-tune, with the
+  prox prior step below).
 - Loss: ppo_loss + beta * mean_over_tasks(KL_m) / N_m, N_m = num_envs_per_task * num_steps,
   the transitions of one task in one rollout (--kl-scale per-rollout; alternatives: sum,
   per-param). The term is added on every minibatch, matching the per-example ELBO weighting
@@ -47,11 +48,12 @@ Decisions (each a flag; default first):
   --reg-grad-scale none adds the KL's gradient unscaled after the clip: the effective beta is
   then beta / c and drifts with the RL gradient's norm (logged as varshare/effective_beta and
   varshare/rl_clip_factor).
-- Prior step (--prior-step): gradient (default) adds the pull's mu-gradient, k * mu with
+- Prior step (--prior-step; gradient on the toy suites, prox on Meta-World): gradient adds the
+  pull's mu-gradient, k * mu with
   k = beta / sigma_prior^2 per entry (times the loss's scale), to the RL gradient before Adam. At
   the Meta-World prior (sigma_prior about 0.002) k is so stiff that the pull dominates Adam's
   second moment for mu, and Adam's normalised steps make mu step back and forth around its tiny
-  stationary point: on mt3-tune at the default, each of mu's steps is 0.3-1.1x theta's, but over
+  stationary point: on mt3-tune at beta 0.3 (the earlier default), each of mu's steps is 0.3-1.1x theta's, but over
   five iterations mu's net move is 0.2-2% of its path against 25-40% for theta
   (benchmarks/varshare_step_split.py), so the acting weights theta + mu carry a perturbation as
   large as the learning step that goes nowhere. prox lets Adam step mu on the RL gradient alone
@@ -62,7 +64,11 @@ Decisions (each a flag; default first):
   a few elementwise passes over mu after each step; `benchmarks/update_cost.py --scripts
   ppo_varshare ppo_varshare:prior_step=prox` (10 rounds, beside two training runs): MT10 shape 842
   against 884 ms a minibatch update (no difference within the noise), cartpole-mt shape 40 against
-  32 ms (its small tensors pay per operation).
+  32 ms (its small tensors pay per operation). Meta-World's default pairs prox with beta 0.0003,
+  a pull 1000x weaker than the earlier 0.3 (at 0.3 prox left the residuals at 0.0002 of theta:
+  task-blind). At that beta the KL's pull on rho is too weak to move sigma off its initial 1/30
+  of the prior within 2M steps, so the weight noise plays no part and VarShare acts as a
+  prox-pulled residual on mu (README, "What the prior's pull does to mu under Adam").
 - Estimator in the loss: Flipout (--estimator flipout): one eps per task, layer and minibatch,
   random sign vectors per example; --estimator reparam draws one weight per task per minibatch.
 - Acting: mean weights theta + mu_m (--rollout-weights mean). The PPO ratio then compares the
@@ -267,7 +273,7 @@ class Args(PPOArgs):
     """variational: VarShare (Gaussian residuals, KL to the prior); l2: L2Soft (deterministic residuals, L2 penalty)"""
     beta: Optional[float] = None
     """weight of the KL term (ELBO weighting of one rollout's data against the prior at kl-scale per-rollout);
-    default 1 on the toy suites, 0.3 on Meta-World (SUITE_KIND_DEFAULTS)"""
+    default 1 on the toy suites, 0.0003 on Meta-World (SUITE_KIND_DEFAULTS)"""
     prior_scaling: Literal["fan-in", "absolute"] = "fan-in"
     """fan-in: a layer's prior std is --sigma-prior-gain / sqrt(fan_in), so the noise a residual adds to a
     pre-activation does not grow with width; absolute: --sigma-prior for every layer"""
@@ -278,11 +284,11 @@ class Args(PPOArgs):
     """absolute scaling: prior std of every residual entry (default 0.03)"""
     sigma_init_ratio: float = 1 / 30
     """initial sigma of every residual entry as a fraction of its layer's prior std (1/30: 1e-3 under 0.03)"""
-    prior_step: Literal["gradient", "prox"] = "gradient"
+    prior_step: Optional[Literal["gradient", "prox"]] = None
     """how the prior's pull on mu enters the update: gradient (its gradient joins the RL gradient in Adam,
     as the loss is written); prox (Adam steps mu on the RL gradient alone, then the pull is applied exactly
     at Adam's per-entry step size; same stationary point, without the oscillation a stiff pull gets from
-    Adam's normalised steps)"""
+    Adam's normalised steps). Default: gradient on the toy suites, prox on Meta-World (SUITE_KIND_DEFAULTS)"""
     reg_grad_scale: Literal["rl-clip", "none"] = "rl-clip"
     """rl-clip: the regulariser's gradient is scaled by the RL gradient's clip coefficient, so every update
     keeps the ELBO's ratio of RL to KL gradient (beta exact); none: added unscaled after the clip (the
@@ -311,16 +317,20 @@ OBS_NORM_PER_TASK = False  # one observation normaliser shared by all tasks
 
 DEFAULT_SIGMA_PRIOR_GAIN = 0.24  # fan-in scaling: 0.24 / sqrt(64) = 0.03, the value chosen on the toy suites
 # VarShare's own defaults by kind of suite: the toy values were chosen on the toy suites, the
-# Meta-World ones (mt3-tune, mt3, mt10, single tasks) on mt3-tune at 2M steps (README tuning table: of
-# five gain x beta settings, only gain 0.03 kept the clip fraction within 1.5x shared MTL's once sigma
-# reached its equilibrium; of its two betas, 0.3 had the better final success over two seeds).
-SUITE_KIND_DEFAULTS = {"gym": dict(sigma_prior_gain=DEFAULT_SIGMA_PRIOR_GAIN, beta=1.0),
-                       "metaworld": dict(sigma_prior_gain=0.03, beta=0.3)}
+# Meta-World ones (mt3-tune, mt3, mt10, single tasks) on mt3-tune at 2M steps (README tuning table).
+# Gain: of five gain x beta settings, only 0.03 kept the clip fraction within 1.5x shared MTL's once
+# sigma reached its equilibrium. Prior step and beta: the prox step at beta 0.0003 had a final success
+# of 0.527 / 0.313 (seeds 1 / 2, mean 0.420) against 0.280 / 0.400 (mean 0.340) for the gradient step
+# at beta 0.3, the earlier default; at beta 0.3 prox left the residuals task-blind, and the gradient
+# step at beta 0.0003 stalled on push-wall (one seed).
+SUITE_KIND_DEFAULTS = {"gym": dict(sigma_prior_gain=DEFAULT_SIGMA_PRIOR_GAIN, beta=1.0, prior_step="gradient"),
+                       "metaworld": dict(sigma_prior_gain=0.03, beta=0.0003, prior_step="prox")}
 DEFAULT_SIGMA_PRIOR = 0.03  # absolute scaling
 # L2Soft's lambda tuned on mt3-tune (README tuning table: x0.03 to x10 of 1 / (2 sigma_prior^2) at gain
-# 0.12; x3 had the best final success over two seeds), as flags: the matrix's l2soft-tuned row. The toy
-# suites have no tuned lambda (their L2Soft is the matched one, --residual l2 alone).
-L2SOFT_TUNED = {"metaworld": ("--sigma-prior-gain", "0.12", "--beta", "3")}
+# 0.12; x3 had the best final success over two seeds), as flags: the matrix's l2soft-tuned row. It was
+# tuned with the gradient step and keeps it. The toy suites have no tuned lambda (their L2Soft is the
+# matched one, --residual l2 alone).
+L2SOFT_TUNED = {"metaworld": ("--sigma-prior-gain", "0.12", "--beta", "3", "--prior-step", "gradient")}
 
 
 def softplus_inverse(x: float) -> float:
@@ -812,9 +822,14 @@ def make_agent(args: Args, suite, obs_dim: int, act_dim: int, discrete: bool) ->
     if args.sigma_prior_gain is None and args.prior_scaling == "fan-in":
         args.sigma_prior_gain = kind_defaults["sigma_prior_gain"]
     no_pull = args.l2_lambda == 0 if args.l2_lambda is not None else args.beta == 0
-    if getattr(args, "prior_step", "gradient") == "prox" and no_pull:
+    args.prior_step = getattr(args, "prior_step", None)
+    if args.prior_step == "prox" and no_pull:
         raise UsageError("--prior-step prox changes how the prior's pull on mu is applied, and with a zero "
                          "--beta (or --l2-lambda) there is no pull: drop --prior-step prox")
+    if args.prior_step is None and getattr(args, "resume", None) is not None:
+        args.prior_step = "gradient"  # its args.json has no prior_step: the run predates the flag
+    if args.prior_step is None:  # without a pull the two steps are one: record the plain gradient
+        args.prior_step = "gradient" if no_pull else kind_defaults["prior_step"]
 
     def prior(fan_in: int) -> tuple[float, float]:
         sigma_prior = layer_prior_std(args, fan_in)

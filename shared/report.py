@@ -84,6 +84,7 @@ no account.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -96,6 +97,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shared.cli import UsageError
+from shared.scripts import load_script
+from shared.suites import make_suite
 
 REFERENCE = ("ppo_varshare", "")
 METHOD_ORDER = ["ppo_varshare", "ppo_mtl_embed", "ppo_pcgrad", "ppo_softmod", "ppo_paco", "ppo_single"]
@@ -228,6 +231,16 @@ def varshare_ablations(args: dict) -> list[tuple[str, str, str]]:
     return [entry for entry in ABLATIONS if given[entry[0]]]
 
 
+@functools.lru_cache(maxsize=None)
+def varshare_default_prior_step(env_id: str | None) -> str:
+    """VarShare's --prior-step default on this suite: the script's SUITE_KIND_DEFAULTS for its kind."""
+    try:
+        kind = make_suite(env_id).kind if env_id else "gym"
+    except UsageError:  # a suite this checkout does not know: the toy suites' default
+        kind = "gym"
+    return load_script("ppo_varshare").SUITE_KIND_DEFAULTS[kind]["prior_step"]
+
+
 def variant_of(args: dict) -> str:
     suffix = args.get("run_name_suffix") or ""
     onehot = args.get("algo") == "ppo_varshare" and args.get("task_input", "none") == "onehot"
@@ -235,13 +248,20 @@ def variant_of(args: dict) -> str:
         rest = variant_of({**args, "task_input": "none",
                            "run_name_suffix": "" if suffix.lower() in ("onehot", "one-hot") else suffix})
         return "one-hot input" + (f" + {rest}" if rest else "")
-    if args.get("algo") == "ppo_varshare" and args.get("prior_step", "gradient") == "prox":
-        rest = variant_of({**args, "prior_step": "gradient",
-                           "run_name_suffix": "" if suffix.lower() == "prox" else suffix})
-        return "prox step" + (f" + {rest}" if rest else "")
-    if args.get("algo") == "ppo_varshare" and args.get("residual") == "l2":
-        if suffix.lower() == "l2soft-tuned":
-            return "L2Soft tuned"
+    l2 = args.get("algo") == "ppo_varshare" and args.get("residual") == "l2"
+    if l2 and suffix.lower() == "l2soft-tuned":  # the matrix row with its own tuned flags, step included
+        return "L2Soft tuned"
+    if args.get("algo") == "ppo_varshare":
+        # A prior step other than the suite's default is a row of its own (runs from before the
+        # flag have no prior_step: they took the gradient step). Without a pull the two are one.
+        step = args.get("prior_step") or "gradient"
+        no_pull = (args.get("l2_lambda") == 0 if args.get("l2_lambda") is not None else args.get("beta") == 0)
+        default = "gradient" if no_pull else varshare_default_prior_step(args.get("env_id"))
+        if step != default:
+            rest = variant_of({**args, "prior_step": default,
+                               "run_name_suffix": "" if suffix.lower() == step else suffix})
+            return f"{step} step" + (f" + {rest}" if rest else "")
+    if l2:
         return "L2Soft" if suffix.lower() in ("", "l2soft") else f"L2Soft {suffix}"
     ablations = varshare_ablations(args)
     if ablations:

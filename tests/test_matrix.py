@@ -333,7 +333,7 @@ def test_tuned_l2soft_row_carries_the_meta_world_lambda_and_is_left_out_on_toy_s
              line.split("--total-timesteps 5000 ")[1].split(" --run-name-suffix")[0]
              for line in proc.stdout.splitlines()}
     assert flags == {"l2soft@mt3": "--residual l2", "l2soft@cartpole-mt": "--residual l2",
-                     "l2soft-tuned@mt3": "--residual l2 --sigma-prior-gain 0.12 --beta 3"}
+                     "l2soft-tuned@mt3": "--residual l2 --sigma-prior-gain 0.12 --beta 3 --prior-step gradient"}
     assert "cartpole-mt is a gym suite, which has no tuned L2Soft lambda" in proc.stderr
 
 

@@ -69,6 +69,12 @@ def test_every_row_keeps_its_colour_and_the_baselines_differ():
 # ----------------------------------------------------------------------------------------------
 # A report from synthetic runs
 # ----------------------------------------------------------------------------------------------
+def recorded_prior_step(env_id: str, args: dict) -> str:
+    """The --prior-step a VarShare run left at its default records: the suite's default, the gradient
+    step when there is no pull."""
+    return "gradient" if args.get("beta") == 0 else report.varshare_default_prior_step(env_id)
+
+
 def write_run(root, name, env_id, algo, seed, values, tasks, *, budget=1000, suffix="", residual=None,
               finished=True, curve=(), ratios=None, metric="success_rate", sampled=None):
     """One run directory as the scripts write it: ``values`` are the final per-task scores of
@@ -79,6 +85,8 @@ def write_run(root, name, env_id, algo, seed, values, tasks, *, budget=1000, suf
             "tasks": None, "holdout_task": None, "task_names": tasks}
     if residual is not None:
         args["residual"] = residual
+    if algo == "ppo_varshare":
+        args["prior_step"] = recorded_prior_step(env_id, args)
     (run / "args.json").write_text(json.dumps(args))
     other = "return" if metric == "success_rate" else "success_rate"
 
@@ -311,6 +319,8 @@ def write_loo_run(root, name, algo, seed, task_names, final, *, budget=1000, cur
     tasks, init_from, transfer, ...); ``final``, ``curve`` and ``zero_shot`` give one score per task."""
     run = root / name
     run.mkdir(parents=True)
+    if algo == "ppo_varshare":
+        args = {"prior_step": recorded_prior_step("mt3", args), **args}
     (run / "args.json").write_text(json.dumps(
         {"env_id": "mt3", "algo": algo, "seed": seed, "total_timesteps": budget, "run_name_suffix": "",
          "tasks": None, "holdout_task": None, "init_from": None, "transfer": None, "task_names": task_names,
@@ -554,3 +564,21 @@ def test_sampled_action_scores_get_a_table_of_their_own_where_every_run_has_them
     row = table_row(table, "shared MTL")
     assert row[1:] == ["0.580", "0.967", "0.633", "0.033"], row  # IQM over all tasks, then per task (3 runs: means)
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["shared MTL"]  # VarShare: no row
+
+
+def test_a_prior_step_other_than_the_suites_default_is_a_row_of_its_own():
+    """Meta-World's default is the prox step (toy suites: the gradient step); the other one is a
+    variant. A run from before the flag (no prior_step in args.json) took the gradient step; without
+    a pull (beta 0) the two steps are one, and the L2Soft-tuned row carries its own step."""
+    assert report.varshare_default_prior_step("mt3") == "prox"
+    assert report.varshare_default_prior_step("cartpole-mt") == "gradient"
+    mt3 = {"algo": "ppo_varshare", "env_id": "mt3"}
+    assert report.variant_of({**mt3, "prior_step": "prox", "beta": 0.0003}) == ""
+    assert report.variant_of({**mt3, "prior_step": "gradient", "beta": 0.3}) == "gradient step"
+    assert report.variant_of({**mt3, "beta": 0.3}) == "gradient step"  # before the flag existed
+    assert report.variant_of({**mt3, "prior_step": "gradient", "beta": 0.0}) == "beta=0"
+    assert report.variant_of({**mt3, "prior_step": "gradient", "residual": "l2", "beta": 3.0,
+                              "run_name_suffix": "l2soft-tuned"}) == "L2Soft tuned"
+    assert report.variant_of({**mt3, "prior_step": "prox", "residual": "l2"}) == "L2Soft"
+    assert report.variant_of({**mt3, "prior_step": "gradient", "residual": "l2"}) == "gradient step + L2Soft"
+    assert report.variant_of({"algo": "ppo_varshare", "env_id": "cartpole-mt", "prior_step": "gradient"}) == ""

@@ -605,19 +605,31 @@ def test_make_agent_records_per_layer_priors_and_refuses_mixed_scalings():
     assert l2.derived["l2_lambda_per_layer"]["critic2"] == pytest.approx(1.0 / (2 * 0.25**2))
 
 
-@pytest.mark.parametrize(("kind", "gain", "beta"), [("gym", 0.24, 1.0), ("metaworld", 0.03, 0.3)])
-def test_unset_gain_and_beta_take_the_suite_kinds_values_and_given_ones_stay(kind, gain, beta):
+@pytest.mark.parametrize(("kind", "gain", "beta", "step"), [("gym", 0.24, 1.0, "gradient"),
+                                                         ("metaworld", 0.03, 0.0003, "prox")])
+def test_unset_gain_beta_and_step_take_the_suite_kinds_values_and_given_ones_stay(kind, gain, beta, step,
+                                                                                 monkeypatch):
     base = dict(residual="variational", estimator="flipout", rollout_weights="mean", eval_sample_weights=0,
                 l2_lambda=None, prior_scaling="fan-in", sigma_prior=None, sigma_prior_gain=None,
                 sigma_init_ratio=0.1, beta=None, hidden_sizes=(16,), residual_bias=False, task_input="none")
     suite = types.SimpleNamespace(num_tasks=2, kind=kind)
     args = types.SimpleNamespace(**base)
     vs.make_agent(args, suite, 16, 2, True)
-    assert (args.sigma_prior_gain, args.beta) == (gain, beta)
+    assert (args.sigma_prior_gain, args.beta, args.prior_step) == (gain, beta, step)
     assert args.derived["sigma_prior_per_layer"]["actor0"] == pytest.approx(gain / 4)  # fan-in 16
     given = types.SimpleNamespace(**{**base, "sigma_prior_gain": 0.5, "beta": 0.0})
     vs.make_agent(given, suite, 16, 2, True)
     assert (given.sigma_prior_gain, given.beta) == (0.5, 0.0)
+    assert given.prior_step == "gradient"  # no pull: one step, recorded as the plain gradient
+    for other in ("gradient", "prox"):
+        chosen = types.SimpleNamespace(**{**base, "prior_step": other})
+        vs.make_agent(chosen, suite, 16, 2, True)
+        assert chosen.prior_step == other
+    # a run from before --prior-step (no such key in its args.json) took the gradient step; so it resumes
+    resumed = types.SimpleNamespace(**{**base, "beta": 0.3, "sigma_prior_gain": 0.03, "resume": "/nowhere"})
+    monkeypatch.setattr(vs, "check_resumed_prior", lambda args: None)  # it reads the run's args.json
+    vs.make_agent(resumed, suite, 16, 2, True)
+    assert resumed.prior_step == "gradient"
     # L2Soft with its own lambda uses neither beta nor the prior: beta stays unset, not a made-up value
     l2 = types.SimpleNamespace(**{**base, "residual": "l2", "l2_lambda": 2.0,
                                   "sigma_init_ratio": vs.Args.sigma_init_ratio})
