@@ -154,8 +154,8 @@ def install_probes(module, monkeypatch, fake_values: bool):
         if fake_values:
             value = fake_value(obs) + 0.0 * value  # keeps the critic in the graph (zero gradient)
         if torch.is_inference_mode_enabled():  # a rollout step (train mode) or the sampled evaluation pass
-            seen["rollout" if self.training else "sampled_evaluation"].append(dict(obs=obs.clone(), action=action.clone(), logprob=logprob.clone(),
-                                        value=value.clone()))
+            seen["rollout" if self.training else "sampled_evaluation"].append(
+                dict(obs=obs.clone(), action=action.clone(), logprob=logprob.clone(), value=value.clone()))
         return action, logprob, entropy, value
 
     monkeypatch.setattr(module.Agent, "get_value", get_value)
