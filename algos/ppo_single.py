@@ -429,14 +429,16 @@ def main(args) -> dict:
               f"return {result['return'].mean():.1f} "
               + " ".join(f"{n}={r:.1f}" for n, r in zip(suite.task_names, result["return"], strict=True)))
         if args.eval_sampled and not label:
-            # The same episodes with sampled actions. Its own seeded RNG stream: training draws
-            # the same numbers with or without this pass.
-            agent.eval()
+            # The same episodes with sampled actions. Its own seeded RNG stream (entering eval mode
+            # may draw too: VarShare's --eval-sample-weights): training draws the same numbers
+            # with or without this pass.
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(args.seed * 1_000_003 + step)
-                sampled = evaluate(sampled_policy, sampled_env or eval_env, T, obs_normalizer, episodes,
-                                   suite.success_return, env_seed(args.seed, evaluation=True))
-            agent.train()
+                agent.eval()
+                sampled = evaluate(sampled_policy, eval_env if sampled_env is None else sampled_env, T,
+                                   obs_normalizer, episodes, suite.success_return,
+                                   env_seed(args.seed, evaluation=True))
+                agent.train()
             logger.eval({**sampled, "label": "sampled"}, step, final=final)
             print(f"step {step}: eval sampled success {sampled['success'].mean():.3f} "
                   f"return {sampled['return'].mean():.1f}")

@@ -309,6 +309,26 @@ def test_normalisers_in_the_loop_match_a_replay_of_the_raw_env_data(script, tmp_
     np.testing.assert_array_equal(checkpoint["reward_scaler"]["returns"], reward_scaler.returns)
 
 
+def test_the_final_sampled_pass_runs_on_fresh_envs_with_the_rollout_statistics(tmp_path, monkeypatch):
+    """--eval-sampled: the final evaluation's sampled pass gets envs of its own (on Meta-World a
+    fresh env is what makes its 50 episodes visit each goal once, as the deterministic pass's do)
+    and acts on their observations normalised with the statistics of the rollouts."""
+    module = load_script("ppo_mtl_embed")
+    seen = install_probes(module, monkeypatch, fake_values=False)
+    module.main(drift_args(module, tmp_path, eval_sampled=True))
+    periodic, final, final_sampled = seen["eval_envs"]
+    assert len(periodic.episodes) == 2 * 3  # three periodic evaluations, each a deterministic and a sampled pass
+    assert len(final.episodes) == 1 and len(final_sampled.episodes) == 1
+    acted_on = final_sampled.observations[:-1]  # the last observation is not acted on
+    assert len(acted_on) >= 2
+    (train_envs,) = seen["train_envs"]
+    rollout_rows = train_envs.observations
+    expected = [normalise(raw, rollout_rows, per_task=False) for raw in acted_on]
+    got = seen["sampled_evaluation"][-len(acted_on):]
+    for call, want in zip(got, expected, strict=True):
+        np.testing.assert_allclose(call["obs"].reshape(T, -1).numpy(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_minibatches_use_every_transition_once_per_epoch_with_aligned_fields(tmp_path, monkeypatch):
     module = load_script("ppo_mtl_embed")
     seen = install_probes(module, monkeypatch, fake_values=False)

@@ -93,6 +93,9 @@ def test_task_params_trains_only_the_new_tasks_own_entries(name, base_runs, tmp_
     assert lines[0]["label"] == "zero-shot" and lines[0]["global_step"] == 0
     assert [line["global_step"] for line in lines[1:] if not line["label"]] == [
         TRANSFER_STEPS // 2, TRANSFER_STEPS, TRANSFER_STEPS]
+    # the sampled pass follows the unlabelled evaluations only, never the zero-shot one
+    assert [line["global_step"] for line in lines if line["label"] == "sampled"] == [
+        TRANSFER_STEPS // 2, TRANSFER_STEPS, TRANSFER_STEPS]
     args = json.loads((run_dir / "args.json").read_text())
     assert args["task_names"] == [HELD_OUT] and args["transfer"] == "task-params"
 

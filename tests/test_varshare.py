@@ -444,6 +444,23 @@ def test_sampled_weight_runs_train_and_evaluate_end_to_end(tmp_path):
     assert set(summary["residual_ratios"]) == set(summary["task_names"])  # the report's heatmap input
 
 
+def test_the_sampled_evaluation_pass_leaves_training_untouched_with_sampled_eval_weights(tmp_path):
+    """--eval-sample-weights draws a weight sample on entering eval mode; the sampled action pass
+    does so inside its own RNG stream, so training is bit-identical with or without that pass."""
+    states = []
+    for eval_sampled in (True, False):
+        args = vs.Args(env_id="cartpole-mt", tasks=["standard", "long-pole"], total_timesteps=3 * 2 * 2 * 16,
+                       num_envs_per_task=2, num_steps=16, num_minibatches=2, update_epochs=1, eval_every=2 * 2 * 16,
+                       eval_episodes=1, final_eval_episodes=1, hidden_sizes=(8,), eval_sample_weights=2,
+                       runs_dir=str(tmp_path / str(eval_sampled)), cuda=False, eval_sampled=eval_sampled)
+        vs.main(args)
+        (run_dir,) = (tmp_path / str(eval_sampled)).iterdir()
+        states.append(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False))
+    for name, value in states[0]["agent"].items():
+        assert torch.equal(value, states[1]["agent"][name]), name
+    assert torch.equal(states[0]["rng"]["torch"], states[1]["rng"]["torch"])
+
+
 def test_summary_residual_ratios_are_the_logged_per_layer_ratios_under_each_task_name():
     """method_final's ratios (summary.json, read by the report) equal the diagnostics' tensorboard
     values ||mu_m|| / ||theta|| per layer, keyed by the selected tasks' names in the run's order."""
