@@ -879,7 +879,7 @@ def transfer_weights(args: Args, agent: Agent, base: dict) -> dict:
     the zero-shot policy is the shared theta), its log-std row at --init-logstd (and, with --task-input onehot, its
     one-hot rows fresh, as shared MTL's new column). Under --transfer task-params only the new task's mu, rho (and
     residual biases), one-hot rows and log-std row train. The base run's regulariser
-    (residual kind; beta and each layer's prior std, or L2Soft's per-layer lambda) must be this run's:
+    (residual kind; beta and each layer's prior std, or L2Soft's per-layer lambda; the prior step) must be this run's:
     the shared theta was trained under it, and the new task would otherwise be pulled toward
     another one without a word."""
     base_args = base_run_args(args.init_from)
@@ -900,6 +900,10 @@ def transfer_weights(args: Args, agent: Agent, base: dict) -> dict:
         raise UsageError(f"--init-from {args.init_from}: that run's prior (beta {theirs[0]}, {per_layer} "
                          f"{theirs[1]}) differs from this run's (beta {mine[0]}, {mine[1]}); pass the base run's "
                          f"--beta and --sigma-prior-gain (or --prior-scaling/--sigma-prior, --l2-lambda)")
+    base_step = base_args.get("prior_step") or "gradient"  # absent: the base predates the flag
+    if base_step != args.prior_step:
+        raise UsageError(f"--init-from {args.init_from}: that run's prior step is {base_step}, this run's "
+                         f"{args.prior_step}; pass --prior-step {base_step}")
     return load_shared(agent, base)
 
 

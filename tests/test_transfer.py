@@ -186,6 +186,12 @@ def test_a_varshare_transfer_under_another_prior_is_refused(base_runs, tmp_path)
         with pytest.raises(UsageError, match="that run's prior .* differs from this run's"):
             run("ppo_varshare", ["--env-id", SUITE, "--init-from", base, "--transfer", "finetune",
                                  "--runs-dir", str(tmp_path), *flags])
+    # the toy base took the gradient step (its suite's default); the prox step would train the new
+    # task's residual under another update rule than the one theta was trained beside
+    with pytest.raises(UsageError, match="that run's prior step is gradient, this run's prox; pass --prior-step "
+                                         "gradient"):
+        run("ppo_varshare", ["--env-id", SUITE, "--init-from", base, "--transfer", "finetune",
+                             "--runs-dir", str(tmp_path), "--prior-step", "prox"])
 
 
 def test_a_varshare_transfer_with_another_task_input_is_refused(base_runs, tmp_path):
