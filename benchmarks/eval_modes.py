@@ -29,6 +29,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from shared.checkpoint import load_checkpoint, resume_args  # noqa: E402
+from shared.cli import UsageError  # noqa: E402
 from shared.evaluate import evaluate  # noqa: E402
 from shared.normalize import ObsNormalizer  # noqa: E402
 from shared.scripts import load_script  # noqa: E402
@@ -42,7 +43,17 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=50, help="episodes per task and mode")
     parser.add_argument("--modes", default="mean,sample,sample-train-env")
     opts = parser.parse_args()
-    algo = base_run_args(opts.run_dir)["algo"]
+    modes = opts.modes.split(",")
+    unknown = sorted(set(modes) - {"mean", "sample", "sample-train-env"})
+    if unknown:
+        raise SystemExit(f"eval_modes.py: unknown mode(s) {', '.join(unknown)}; "
+                         f"choose from mean, sample, sample-train-env")
+    try:
+        algo = base_run_args(opts.run_dir)["algo"]
+    except UsageError as err:  # not a run directory, or its args.json unreadable
+        raise SystemExit(f"eval_modes.py: {str(err).replace('--init-from ', '')}") from None
+    if not os.path.isfile(os.path.join(opts.run_dir, "checkpoint.pt")):
+        raise SystemExit(f"eval_modes.py: {opts.run_dir} has no checkpoint.pt (the run stopped before its first)")
     script = load_script(algo)
     args = resume_args(script.Args(resume=opts.run_dir), algo)
     torch.set_num_threads(1)
@@ -81,7 +92,7 @@ def main() -> None:
 
     header = f"  {'mode':18s}" + "".join(f"{n:>26s}" for n in suite.task_names)
     print(header)
-    for mode in opts.modes.split(","):
+    for mode in modes:
         evaluation = mode != "sample-train-env"
         envs, _ = make_vector_env(suite, 1, args.seed, evaluation=evaluation)
         try:
