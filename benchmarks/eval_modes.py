@@ -28,13 +28,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from shared.checkpoint import load_checkpoint, resume_args  # noqa: E402
-from shared.cli import UsageError  # noqa: E402
+from benchmarks.finished_run import load_run  # noqa: E402
 from shared.evaluate import evaluate  # noqa: E402
-from shared.normalize import ObsNormalizer  # noqa: E402
-from shared.scripts import load_script  # noqa: E402
-from shared.suites import apply_suite_defaults, env_seed, make_suite, make_vector_env, space_dims  # noqa: E402
-from shared.transfer import base_run_args  # noqa: E402
+from shared.suites import env_seed, make_vector_env  # noqa: E402
 
 
 def main() -> None:
@@ -48,33 +44,14 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"eval_modes.py: unknown mode(s) {', '.join(unknown)}; "
                          f"choose from mean, sample, sample-train-env")
-    try:
-        algo = base_run_args(opts.run_dir)["algo"]
-    except UsageError as err:  # not a run directory, or its args.json unreadable
-        raise SystemExit(f"eval_modes.py: {str(err).replace('--init-from ', '')}") from None
-    if not os.path.isfile(os.path.join(opts.run_dir, "checkpoint.pt")):
-        raise SystemExit(f"eval_modes.py: {opts.run_dir} has no checkpoint.pt (the run stopped before its first)")
-    script = load_script(algo)
-    args = resume_args(script.Args(resume=opts.run_dir), algo)
     torch.set_num_threads(1)
-    suite = make_suite(args.env_id)
-    apply_suite_defaults(args, suite)
-    suite = script.select_run_tasks(args, suite)
+    run = load_run(opts.run_dir, "eval_modes.py", "the sampled/mean split is for Gaussian heads")
+    args, suite, agent, obs_normalizer, act_dim = run.args, run.suite, run.agent, run.obs_normalizer, run.act_dim
     T = suite.num_tasks
-    probe, _ = make_vector_env(suite, 1, args.seed, evaluation=True)
-    obs_dim, act_dim, discrete = space_dims(probe)
-    probe.close()
-    if discrete:
-        raise SystemExit("eval_modes.py: the run's actions are discrete; the sampled/mean split is for Gaussian heads")
-    agent = script.make_agent(args, suite, obs_dim, act_dim, discrete)
-    obs_normalizer = ObsNormalizer(T, obs_dim, per_task=script.OBS_NORM_PER_TASK)
-    state = load_checkpoint(os.path.join(opts.run_dir, "checkpoint.pt"), agent, obs_normalizer=obs_normalizer,
-                            restore_rng=False)
-    agent.eval()
     torch.manual_seed(args.seed)
     std = agent.actor_logstd.detach().exp()
     std = std.reshape(-1, act_dim) if std.numel() > act_dim else std.reshape(1, act_dim).expand(T, act_dim)
-    print(f"{opts.run_dir}: {algo}, step {state['global_step']:,}")
+    print(f"{opts.run_dir}: {run.algo}, step {run.global_step:,}")
     for name, s in zip(suite.task_names, std, strict=True):
         print(f"  action std {name:22s} " + " ".join(f"{v:.3f}" for v in s.tolist()))
 

@@ -24,39 +24,18 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from shared.checkpoint import load_checkpoint, resume_args  # noqa: E402
-from shared.cli import UsageError  # noqa: E402
-from shared.normalize import ObsNormalizer  # noqa: E402
-from shared.scripts import load_script  # noqa: E402
-from shared.suites import apply_suite_defaults, env_seed, make_suite, make_vector_env, space_dims  # noqa: E402
-from shared.transfer import base_run_args  # noqa: E402
+from benchmarks.finished_run import load_run  # noqa: E402
+from shared.suites import env_seed, make_vector_env  # noqa: E402
 
 
 def routing_table(run_dir: str, steps: int) -> str:
-    try:
-        algo = base_run_args(run_dir)["algo"]
-    except UsageError as err:  # not a run directory, or its args.json unreadable
-        raise SystemExit(f"task_routing.py: {str(err).replace('--init-from ', '')}") from None
-    if not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
-        raise SystemExit(f"task_routing.py: {run_dir} has no checkpoint.pt (the run stopped before its first)")
-    script = load_script(algo)
-    args = resume_args(script.Args(resume=run_dir), algo)
-    suite = make_suite(args.env_id)
-    apply_suite_defaults(args, suite)
-    suite = script.select_run_tasks(args, suite)
+    run = load_run(run_dir, "task_routing.py", "this compares continuous actions")
+    args, suite, agent, normalizer, act_dim = run.args, run.suite, run.agent, run.obs_normalizer, run.act_dim
     T = suite.num_tasks
     envs, _ = make_vector_env(suite, 1, args.seed, evaluation=True)
     try:
-        obs_dim, act_dim, discrete = space_dims(envs)
-        if discrete:
-            raise SystemExit("task_routing.py: the run's actions are discrete; this compares continuous actions")
         low, high = (torch.as_tensor(b, dtype=torch.float32) for b in (envs.single_action_space.low,
                                                                      envs.single_action_space.high))
-        agent = script.make_agent(args, suite, obs_dim, act_dim, discrete)
-        normalizer = ObsNormalizer(T, obs_dim, per_task=script.OBS_NORM_PER_TASK)
-        state = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, obs_normalizer=normalizer,
-                                restore_rng=False)
-        agent.eval()
         obs, _ = envs.reset(seed=env_seed(args.seed, evaluation=True))
         k = obs.shape[0] // T
         own_routing = torch.arange(T)[:, None].expand(T, k)
@@ -72,13 +51,13 @@ def routing_table(run_dir: str, steps: int) -> str:
     observed = torch.as_tensor(np.concatenate(collected, axis=1), dtype=torch.float32)  # [T, N, d]
     n = observed.shape[1]
     every_routing = torch.arange(T)[:, None].expand(T, n)
-    rows = [f"{run_dir}: {algo}, step {state['global_step']:,}, {n} observations per task",
+    rows = [f"{run_dir}: {run.algo}, step {run.global_step:,}, {n} observations per task",
             "| observations of \\ acted as | " + " | ".join(suite.task_names) + " |",
             "|---|" + "---|" * T]
     with torch.inference_mode():
         for u in range(T):
             # The same observations (task u's, normalised as task u's) in every task's slot.
-            actions = agent.act_deterministic(observed[u:u + 1].expand(T, n, obs_dim), every_routing)
+            actions = agent.act_deterministic(observed[u:u + 1].expand(T, n, run.obs_dim), every_routing)
             executed = torch.maximum(torch.minimum(actions.reshape(T, n, act_dim), high), low)
             change = (executed - executed[u]).abs().mean(dim=(1, 2))
             rows.append(f"| {suite.task_names[u]} | " + " | ".join(f"{c:.3f}" for c in change.tolist()) + " |")
