@@ -3,14 +3,18 @@
 Meta-World's shaped reward pays for approaching and holding the object as well as for the goal,
 so a policy can collect most of an episode's reward without ever succeeding. This runs a finished
 run's final policy (mean actions, the evaluation's envs and goals, as the run's own final
-evaluation) and reads Meta-World's per-step info for each episode: the share of steps with the
-gripper near the object (``near_object``) and with the object grasped (``grasp_success``, for
-door and drawer tasks a hook on the handle), and the object's distance to its target
+evaluation) and reads Meta-World's per-step info over the episodes that fail: the share of steps
+flagged ``near_object`` and ``grasp_success``, and the object's distance to its target
 (``obj_to_target``, metres) and the reward's goal term (``in_place_reward``, 0 to 1) at the
-episode's first step, at their best, and at its last. Each env defines these itself: door-open
-reports ``obj_to_target`` as 0 always and its ``near_object`` is a graded readiness term, so read
-a task's columns against its env's ``evaluate_state``. Success is the evaluation's (the flag at
-any step; the evaluation env ends an episode at success).
+episode's first step, at their best, and at its last. Success is the evaluation's (the flag at any
+step; the evaluation env ends an episode at success).
+
+Each env defines these keys itself, so read a task's columns against its env's
+``evaluate_state``. Among the MT10 tasks: reach-v3 reports the gripper's distance to the goal as
+both ``near_object`` and ``obj_to_target`` and ``grasp_success`` as 1 always; door-open-v3 reports
+``obj_to_target`` as 0 always, a graded readiness term as ``near_object`` and a closing gripper
+action as ``grasp_success``; drawer-open-v3 flags ``near_object`` within 3 cm of the handle and
+measures ``obj_to_target`` from the handle to the fully open position.
 
     .venv/bin/python benchmarks/task_outcome.py RUN_DIR [--tasks drawer-open-v3 ...] [--episodes 10]
 """
