@@ -1,0 +1,73 @@
+"""benchmarks/keep_records.py: the finished runs' records are copied with their layout, an
+unfinished run is left out, and the report built from the copy equals the one built from the runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from shared import report
+from tests.conftest import PYTHON, REPO, subprocess_env
+from tests.test_report import MT3, write_run
+
+
+def run_keep(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, str(REPO / "benchmarks" / "keep_records.py"), *argv], capture_output=True,
+                          text=True, timeout=120, env=subprocess_env(), cwd=REPO)
+
+
+def matrix_like_runs(root):
+    """Two finished VarShare runs in matrix job folders (with job.json and the large files the
+    records leave behind) and one unfinished run."""
+    for seed, values in ((1, [1.0, 0.5, 0.0]), (2, [0.9, 0.3, 0.2])):
+        job = root / "mt3" / "ppo_varshare" / f"seed{seed}"
+        run = write_run(job, f"mt3__ppo_varshare__{seed}__t", "mt3", "ppo_varshare", seed, values, MT3,
+                        residual="variational", curve=[(500, [0.1, 0.2, 0.3])])
+        (job / "job.json").write_text(json.dumps({"job": f"mt3/ppo_varshare/seed{seed}", "attempts": []}))
+        (job / "job.log").write_text("progress\n")
+        (run / "checkpoint.pt").write_bytes(b"\0" * 1024)
+        (run / "events.out.tfevents.1.vm").write_bytes(b"\0" * 64)
+    write_run(root / "mt3" / "ppo_varshare" / "seed3", "mt3__ppo_varshare__3__t", "mt3", "ppo_varshare", 3,
+              [1.0] * 3, MT3, residual="variational", finished=False, curve=[(500, [0.5, 0.5, 0.5])])
+
+
+def test_finished_runs_keep_their_records_and_layout_and_nothing_else(tmp_path):
+    runs, dest = tmp_path / "runs", tmp_path / "results"
+    matrix_like_runs(runs)
+    proc = run_keep(str(runs), str(dest))
+    assert proc.returncode == 0, proc.stderr
+    assert "kept the records of 2 finished runs" in proc.stdout and "(1 left out)" in proc.stdout
+    assert "left out mt3/ppo_varshare/seed3/mt3__ppo_varshare__3__t: unfinished" in proc.stdout
+    copied = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert copied == sorted([f"mt3/ppo_varshare/seed{s}/{name}" for s in (1, 2) for name in ("job.json",)]
+                            + [f"mt3/ppo_varshare/seed{s}/mt3__ppo_varshare__{s}__t/{name}" for s in (1, 2)
+                               for name in ("args.json", "eval.jsonl", "summary.json")])
+    for name in ("args.json", "eval.jsonl", "summary.json"):
+        source = runs / "mt3" / "ppo_varshare" / "seed2" / "mt3__ppo_varshare__2__t" / name
+        assert (dest / source.relative_to(runs)).read_bytes() == source.read_bytes()
+
+
+def test_report_from_the_records_has_the_same_rows_as_from_the_runs(tmp_path):
+    runs, dest = tmp_path / "runs", tmp_path / "results"
+    matrix_like_runs(runs)
+    assert run_keep(str(runs), str(dest)).returncode == 0
+    def rows(folder):
+        found = report.find_runs(str(folder))
+        report.check_budgets(found)
+        return report.build_rows(found, 200, 0)
+
+    from_runs, from_records = rows(runs), rows(dest)
+    assert [(r.label, r.iqm, r.interval) for r in from_records["mt3"]] == \
+        [(r.label, r.iqm, r.interval) for r in from_runs["mt3"]]
+    assert len(from_records["mt3"][0].runs) == 2
+
+
+def test_a_missing_or_empty_runs_folder_gets_one_sentence(tmp_path):
+    proc = run_keep(str(tmp_path / "nope"), str(tmp_path / "results"))
+    assert proc.returncode == 2 and "runs folder" in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = run_keep(str(tmp_path / "empty"), str(tmp_path / "results"))
+    assert proc.returncode == 2 and "no run directories" in proc.stderr
+    proc = run_keep(str(tmp_path / "empty"), str(tmp_path / "empty"))
+    assert proc.returncode == 2 and "the runs folder itself" in proc.stderr
