@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 from shared import report
 from tests.conftest import PYTHON, REPO, subprocess_env
@@ -71,3 +72,21 @@ def test_a_missing_or_empty_runs_folder_gets_one_sentence(tmp_path):
     assert proc.returncode == 2 and "no run directories" in proc.stderr
     proc = run_keep(str(tmp_path / "empty"), str(tmp_path / "empty"))
     assert proc.returncode == 2 and "the runs folder itself" in proc.stderr
+
+
+def test_every_kept_record_under_results_is_a_finished_run_at_its_folders_budget():
+    """results/ holds what the README's sections were measured from: a copy that lost a file, or a
+    folder that mixes budgets (which the report would silently leave out), fails here."""
+    folders = sorted(p for p in (REPO / "results").iterdir() if p.is_dir()) if (REPO / "results").is_dir() else []
+    for folder in folders:
+        runs = report.find_runs(str(folder))
+        assert runs, f"{folder} holds no run records"
+        report.check_budgets(runs)
+        assert [(run.dir, run.problem) for run in runs if run.problem] == []
+        for run in runs:
+            assert run.curve, f"{run.dir}: eval.jsonl has no periodic evaluation"
+            job_file = Path(run.dir).parent / "job.json"  # a matrix job's: its command names this run's seed
+            if job_file.is_file():
+                job = json.loads(job_file.read_text())
+                assert job["script"] == run.args["algo"]
+                assert job["command"][job["command"].index("--seed") + 1] == str(run.args["seed"])
