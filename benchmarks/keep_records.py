@@ -8,9 +8,11 @@ A run's records are the three files the report reads (args.json, eval.jsonl, sum
 in a matrix's runs folder, its job folder's job.json (the command and every attempt). The folder
 layout under the runs folder is kept. Checkpoints, tensorboard events and logs stay behind: they
 are large, the report reads none of them, and a run is resumed from its own folder, not from
-its records. A run without a readable summary.json has not finished and is left out with one
-line; a run already kept is overwritten, so running the tool again after more runs finish
-brings the copy up to date.
+its records. A run without a readable summary.json has not finished, and one that lost a record
+is incomplete: each is left out with one line. A run already kept is overwritten, so running the
+tool again after more runs finish brings the copy up to date; a copy of a run that no longer
+exists is not removed (tests/test_keep_records.py refuses two kept runs in one job folder). The
+destination must lie outside the runs folder.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ def keep_records(runs_dir: str, dest: str) -> tuple[list[str], list[str]]:
         if run.summary is None:
             left_out.append(f"{rel}: {run.problem}")
             continue
+        missing = [name for name in RUN_RECORDS if not os.path.isfile(os.path.join(run.dir, name))]
+        if missing:  # e.g. eval.jsonl deleted by hand: a record without its curve would mislead
+            left_out.append(f"{rel}: finished, but {', '.join(missing)} missing")
+            continue
         os.makedirs(os.path.join(dest, rel), exist_ok=True)
         for name in RUN_RECORDS:
             shutil.copyfile(os.path.join(run.dir, name), os.path.join(dest, rel, name))
@@ -59,9 +65,15 @@ def main(argv: list[str] | None = None) -> None:
     opts = parser.parse_args(argv)
     if not os.path.isdir(opts.runs_dir):
         fail(f"runs folder '{opts.runs_dir}' does not exist; give the folder the runs were written to")
-    if os.path.abspath(opts.dest) == os.path.abspath(opts.runs_dir):
-        fail("the destination is the runs folder itself; give another folder, e.g. results/<name>")
-    kept, left_out = keep_records(opts.runs_dir, opts.dest)
+    source, dest = os.path.realpath(opts.runs_dir), os.path.realpath(opts.dest)
+    if dest == source or dest.startswith(source + os.sep):
+        # a second call would find the copies as runs and copy them into themselves
+        fail(f"the destination '{opts.dest}' is inside the runs folder; give a folder outside it, e.g. "
+             "results/<name>")
+    try:
+        kept, left_out = keep_records(opts.runs_dir, opts.dest)
+    except OSError as err:
+        fail(f"cannot write the records to '{opts.dest}' ({err.strerror}); give a writable folder")
     if not kept and not left_out:
         fail(f"no run directories (with an args.json) under '{opts.runs_dir}'; give the folder the runs were "
              "written to")

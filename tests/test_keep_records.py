@@ -4,6 +4,7 @@ unfinished run is left out, and the report built from the copy equals the one bu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -70,19 +71,39 @@ def test_a_missing_or_empty_runs_folder_gets_one_sentence(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run_keep(str(tmp_path / "empty"), str(tmp_path / "results"))
     assert proc.returncode == 2 and "no run directories" in proc.stderr
-    proc = run_keep(str(tmp_path / "empty"), str(tmp_path / "empty"))
-    assert proc.returncode == 2 and "the runs folder itself" in proc.stderr
+    for dest in (tmp_path / "empty", tmp_path / "empty" / "kept"):  # a rerun would copy the copies
+        proc = run_keep(str(tmp_path / "empty"), str(dest))
+        assert proc.returncode == 2 and "is inside the runs folder" in proc.stderr
+    assert not (tmp_path / "empty" / "kept").exists()
+
+
+def test_a_finished_run_missing_a_record_is_left_out_and_an_unwritable_dest_gets_one_sentence(tmp_path):
+    runs = tmp_path / "runs"
+    matrix_like_runs(runs)
+    next((runs / "mt3" / "ppo_varshare" / "seed1").glob("mt3__*")).joinpath("eval.jsonl").unlink()
+    proc = run_keep(str(runs), str(tmp_path / "results"))
+    assert proc.returncode == 0, proc.stderr
+    assert "left out mt3/ppo_varshare/seed1/mt3__ppo_varshare__1__t: finished, but eval.jsonl missing" in proc.stdout
+    assert "kept the records of 1 finished runs" in proc.stdout
+    (tmp_path / "file").write_text("")
+    proc = run_keep(str(runs), str(tmp_path / "file" / "results"))
+    assert proc.returncode == 2 and "cannot write the records" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_every_kept_record_under_results_is_a_finished_run_at_its_folders_budget():
     """results/ holds what the README's sections were measured from: a copy that lost a file, or a
     folder that mixes budgets (which the report would silently leave out), fails here."""
-    folders = sorted(p for p in (REPO / "results").iterdir() if p.is_dir()) if (REPO / "results").is_dir() else []
+    folders = sorted(p for p in (REPO / "results").iterdir() if p.is_dir())
+    assert folders, "results/ holds no kept runs folder"
     for folder in folders:
         runs = report.find_runs(str(folder))
         assert runs, f"{folder} holds no run records"
         report.check_budgets(runs)
         assert [(run.dir, run.problem) for run in runs if run.problem] == []
+        job_folders = [os.path.dirname(run.dir) for run in runs
+                       if os.path.isfile(os.path.join(os.path.dirname(run.dir), "job.json"))]
+        # a job started afresh gets a new run folder: a stale copy beside it would be averaged in twice
+        assert len(set(job_folders)) == len(job_folders), "a job folder holds two kept runs"
         for run in runs:
             assert run.curve, f"{run.dir}: eval.jsonl has no periodic evaluation"
             job_file = Path(run.dir).parent / "job.json"  # a matrix job's: its command names this run's seed
